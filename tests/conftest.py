@@ -26,3 +26,17 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def story_dataset(tmp_path_factory):
+    """A small real token-shard dataset (generated stories, BPE tokenizer) shared by the training tests."""
+    from forgeline.data import prepare_dataset
+    from forgeline.demo import write_corpus
+    from forgeline.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("stories")
+    corpus = write_corpus(root / "stories.txt", n_stories=1500, seed=1)
+    tokenizer = train_bpe([corpus], vocab_size=512, output_dir=root / "tokenizer", show_progress=False)
+    prepare_dataset([corpus], tokenizer=tokenizer, output_dir=root / "data", val_fraction=0.05, show_progress=False)
+    return root / "data"

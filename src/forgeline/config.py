@@ -1,0 +1,268 @@
+"""Configuration: pydantic schemas, YAML files, dotted `key.sub=value` overrides and errors that name the field.
+
+Every command's config is a pydantic model with `extra="forbid"`, so a misspelt key is an error (with a
+did-you-mean) rather than a silently ignored setting. Values given on the command line are parsed as YAML scalars
+(`train.lr=3e-4`, `model.tie_embeddings=true`, `data.inputs=[a.txt,b.txt]`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .model.config import ModelConfig
+
+T = TypeVar("T", bound=BaseModel)
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-training
+# ---------------------------------------------------------------------------------------------------------------
+
+# The seed's hyperparameter table (Llama-2 recipes): applied under whatever the user sets explicitly.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "7b": dict(lr=3e-4, global_batch_tokens=4 * 1024 * 1024, warmup_steps=2000, min_lr_ratio=0.1, weight_decay=0.1,
+               grad_clip=1.0, betas=(0.9, 0.95), eps=1e-5),
+    "70b": dict(lr=1.5e-4, global_batch_tokens=8 * 1024 * 1024, warmup_steps=2000, min_lr_ratio=0.1,
+                weight_decay=0.1, grad_clip=1.0, betas=(0.9, 0.95), eps=1e-5),
+}
+
+
+class DataConfig(Strict):
+    dataset: Path = Field(description="a directory made by `forgeline data prepare`")
+    seq_len: int = Field(256, gt=0)
+    shuffle: bool = True
+
+
+class TrainConfig(Strict):
+    preset: Literal["7b", "70b"] | None = Field(None, description="the seed's hyperparameters for that scale")
+    max_steps: int = Field(1000, gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass on one rank")
+    global_batch_tokens: int | None = Field(
+        None, gt=0, description="tokens per optimizer step over all ranks; None: one micro-batch per rank"
+    )
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    warmup_steps: int = Field(100, ge=0)
+    decay_steps: int | None = Field(None, gt=0, description="None: the cosine ends at max_steps")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="None disables clipping; the norm is logged anyway")
+    precision: Literal["fp32", "bf16"] = "bf16"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None and data["preset"] in TRAIN_PRESETS:
+            return {**TRAIN_PRESETS[data["preset"]], **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.warmup_steps >= self.max_steps and self.max_steps > 1:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}")
+        b1, b2 = self.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(1000, gt=0, description="save every N optimizer steps (and at the end)")
+    keep_last: int = Field(3, gt=0)
+
+
+class StabilityConfig(Strict):
+    spike_factor: float = Field(2.0, gt=1, description="a loss above spike_factor x its running mean is a spike")
+    ema_beta: float = Field(0.95, gt=0, lt=1, description="smoothing of the running mean loss")
+    warmup_steps: int = Field(20, ge=0, description="steps before spikes are looked for (the mean must settle)")
+    max_rollbacks: int = Field(3, ge=0, description="stop the run after this many rollbacks")
+    skip_batches: int | None = Field(
+        None, ge=0, description="batches skipped after a rollback; None: those since the checkpoint through the spike"
+    )
+    grad_norm_alert: float = Field(10.0, gt=0)
+
+
+class MonitorConfig(Strict):
+    log_every: int = Field(1, gt=0)
+    val_every: int = Field(200, gt=0)
+    val_batches: int = Field(20, gt=0)
+    peak_flops: float | None = Field(
+        None, gt=0, description="peak FLOP/s for MFU; None: measured with a matmul at start-up (CPU) or looked up"
+    )
+    tensorboard: bool = True
+    progress: bool = True
+    sample_every: int | None = Field(None, gt=0, description="print a short sample every N steps")
+    sample_prompt: str = ""
+
+
+class PretrainConfig(Strict):
+    run_dir: Path = Path("runs/pretrain")
+    seed: int = 0
+    tokenizer: Path | None = Field(None, description="None: the tokenizer saved with the dataset")
+    model: ModelConfig = ModelConfig(preset="tiny")
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    stability: StabilityConfig = StabilityConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer training and data preparation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TokenizerTrainConfig(Strict):
+    inputs: list[Path] = Field(min_length=1)
+    output: Path
+    vocab_size: int = Field(8192, gt=0)
+    text_field: str = "text"
+    min_frequency: int = Field(2, ge=1)
+    model_max_length: int = Field(2048, gt=0)
+
+
+class DataPrepareConfig(Strict):
+    inputs: list[Path] = Field(min_length=1)
+    tokenizer: Path
+    output: Path
+    text_field: str = "text"
+    text_separator: str = "\n\n"
+    val_fraction: float = Field(0.01, ge=0, lt=1)
+    shard_tokens: int = Field(100_000_000, gt=0)
+    seed: int = 0
+    overwrite: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form key.sub=value")
+        key, raw = pair.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {pair!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and _FLOAT.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {pair!r} conflicts with {part}={child!r}")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level of a config must be a mapping of keys to values")
+    return data
+
+
+def _field_names(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys at `loc` in the schema, for did-you-mean suggestions."""
+    model: Any = schema
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, schema: type[BaseModel], source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("__root__",))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            names = _field_names(schema, loc[:-1])
+            guess = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else (f"; valid keys: {', '.join(names)}" if names else "")
+            lines.append(f"{field}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{field}: required but not given")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            given = err.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"{field}: {msg}{shown}")
+    head = f"invalid config ({source})" if source else "invalid config"
+    return head + ":\n  " + "\n  ".join(lines)
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read YAML (optional), apply dotted overrides, validate; every problem is one ConfigError naming the field."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+    return validate_config(schema, data, source=str(path) if path else "command line")
+
+
+def validate_config(schema: type[T], data: dict[str, Any], *, source: str = "") -> T:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, schema, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The fully resolved config as YAML (paths as strings), saved with every run."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

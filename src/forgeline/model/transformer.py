@@ -1,0 +1,319 @@
+"""A Llama-family decoder-only transformer, top to bottom.
+
+    tokens -> embedding -> L x [x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> output projection
+
+Attention is grouped-query (n_kv_heads < n_heads; MHA and MQA are the two ends) with rotary position embeddings and,
+optionally, Qwen2-style biases on the q/k/v projections. Weight names and the rotary layout (two halves, not
+interleaved pairs) match Hugging Face's Llama so checkpoints convert by renaming alone.
+
+This file holds no parallelism. Distributed wrappers (DDP, FSDP2, tensor and pipeline parallel) act on the modules
+from outside; the only concession is that the layers live in a ModuleDict and the embedding, final norm and output
+may be None, so a pipeline stage can drop the parts it does not own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig, RopeScaling
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
+    """1 / theta^(2i/d) for i < d/2, with Llama-3.1 scaling of the long wavelengths when asked for."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    # Wavelengths longer than the original context / low_freq_factor are stretched by `factor`; shorter than
+    # original / high_freq_factor are untouched; in between the two are blended linearly in frequency.
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return torch.where(is_medium, blended, scaled).float()
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each repeated over the two halves of the head dimension."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (x1, x2) halves of each head by the position's angle. x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 whatever the activation dtype (bf16 variance is too coarse)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * out.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to `max_len` positions.
+
+    `length` is the number of positions already written; the model advances it once per forward, after all layers
+    have appended their keys and values for the new tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype, device):
+        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_size)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} are needed")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (in that order): drops finished sequences."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.head_dim = cfg.head_size
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_size, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Head counts come from the weights' (possibly tensor-parallel local) output size, hence -1.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_id, k, v)
+        n_rep = q.shape[1] // k.shape[1]
+        if n_rep > 1:  # grouped-query: each key/value head serves n_rep query heads
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif mask is NO_MASK:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        for proj in (self.wq, self.wk, self.wv):
+            nn.init.normal_(proj.weight, mean=0.0, std=init_std)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def reset_parameters(self, init_std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.w3.weight, mean=0.0, std=init_std)
+        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# A sentinel for "attend to every key": a single new token decoding against the cache needs no mask at all.
+NO_MASK = object()
+
+
+def build_attention_mask(
+    query_len: int,
+    key_len: int,
+    *,
+    doc_ids: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    device=None,
+):
+    """The boolean (B, 1, Tq, Tk) mask SDPA needs, or None when plain causal attention (the fast path) suffices.
+
+    doc_ids (B, T): packed sequences; a token attends only to earlier tokens of its own document.
+    key_padding (B, Tk): 1/True for real tokens, 0/False for padding (left-padded prompts in generation).
+    Queries are the last `query_len` of the `key_len` positions (decoding against a KV cache).
+    """
+    offset = key_len - query_len
+    if doc_ids is None and key_padding is None:
+        if query_len == key_len:
+            return None
+        if query_len == 1:
+            return NO_MASK
+    q_pos = torch.arange(offset, key_len, device=device)
+    k_pos = torch.arange(key_len, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if doc_ids is not None:
+        if offset:
+            raise ValueError("doc_ids are only supported without a KV cache")
+        if bool((doc_ids == doc_ids[:, :1]).all()):
+            mask_docs = None  # one document per row: causal alone is exact and takes the fast kernel
+        else:
+            mask_docs = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+        if mask_docs is None and key_padding is None:
+            return None
+        if mask_docs is not None:
+            mask = mask & mask_docs
+    if key_padding is not None:
+        mask = mask & key_padding.bool()[:, None, None, :]
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer(
+            "inv_freq", rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(init_std) everywhere; the projections that write into the residual stream (attention output and
+        MLP down) get init_std / sqrt(2 * n_layers) so the residual's variance does not grow with depth (GPT-2)."""
+        cfg = self.cfg
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=cfg.init_std)
+        for block in self.layers.values():
+            block.attention_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+            block.attention.reset_parameters(cfg.init_std, out_std)
+            block.feed_forward.reset_parameters(cfg.init_std, out_std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=cfg.init_std)
+        self.inv_freq = rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling).to(
+            self.inv_freq.device
+        )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or the final normed hidden states (B, T, dim) with return_hidden.
+
+        tokens: (B, T) ids, or (B, T, dim) hidden states when this module is a pipeline stage without embeddings.
+        position_ids: (B, T); default: consecutive positions after what the KV cache already holds.
+        doc_ids: (B, T) document index of each packed token (training); attention never crosses documents.
+        attention_mask: (B, cache length + T) with 1 for real tokens and 0 for padding (generation).
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        B, T = h.shape[0], h.shape[1]
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=h.device)[None]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq)
+        cos, sin = cos[:, None].to(h.dtype), sin[:, None].to(h.dtype)
+        mask = build_attention_mask(T, past + T, doc_ids=doc_ids, key_padding=attention_mask, device=h.device)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if self.norm is not None:
+            h = self.norm(h)
+        if return_hidden or self.output is None:
+            return h
+        return self.output(h)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        weight = next(self.parameters())
+        return KVCache(
+            self.cfg, batch_size, max_len or self.cfg.max_seq_len, dtype=dtype or weight.dtype, device=weight.device
+        )
+
+    def num_params(self) -> int:
+        """Parameters actually held (a tied table counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Build and initialise; device='meta' allocates nothing (shape checks and planning for 7B/70B)."""
+    with torch.device(device):
+        model = Transformer(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model

@@ -1,0 +1,189 @@
+"""`forgeline pretrain`: next-token pre-training on token shards made by `forgeline data prepare`."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import PretrainConfig, dump_config, read_yaml
+from ..data import PackedTokenLoader, check_tokenizer, load_index
+from ..errors import CheckpointError, ConfigError
+from ..model import ModelConfig, Transformer, build_model, training_flops_per_token
+from ..model.generate import sample
+from ..objectives import causal_lm_loss
+from ..tokenizer import Tokenizer
+from .checkpoint import latest_checkpoint
+from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown, unwrap
+from ..model.pretrained import save_pretrained
+from .trainer import Trainer, TrainResult, autocast_context, to_device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_model_config(cfg: ModelConfig, tokenizer: Tokenizer, seq_len: int) -> ModelConfig:
+    """Fill the vocabulary from the tokenizer (rounded up to a multiple of 64 for matmul-friendly shapes)."""
+    if cfg.vocab_size is None:
+        cfg = cfg.model_copy(update={"vocab_size": int(math.ceil(tokenizer.vocab_size / 64) * 64)})
+    elif cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})"
+        )
+    if seq_len > cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+    return cfg
+
+
+def grad_accum_steps(cfg: PretrainConfig, world_size: int) -> int:
+    per_micro = cfg.train.micro_batch_size * cfg.data.seq_len * world_size
+    if cfg.train.global_batch_tokens is None:
+        return 1
+    if cfg.train.global_batch_tokens % per_micro:
+        raise ConfigError(
+            f"train.global_batch_tokens={cfg.train.global_batch_tokens} is not a multiple of micro_batch_size "
+            f"({cfg.train.micro_batch_size}) x seq_len ({cfg.data.seq_len}) x ranks ({world_size}) = {per_micro}"
+        )
+    return cfg.train.global_batch_tokens // per_micro
+
+
+def prepare_model(model: Transformer, cfg: PretrainConfig, dist: DistInfo) -> torch.nn.Module:
+    """Activation checkpointing and compilation act per block (names in the state dict stay unchanged); DDP wraps
+    the whole model when there are several ranks."""
+    if cfg.train.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for name in list(model.layers.keys()):
+            model.layers[name] = checkpoint_wrapper(model.layers[name])
+    if cfg.train.compile:
+        for block in model.layers.values():
+            block.compile()
+    if dist.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return model
+
+
+def make_eval_fn(cfg: PretrainConfig, val_loader: PackedTokenLoader | None, tokens_per_byte: float, dist: DistInfo):
+    if val_loader is None:
+        return None
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        for batch in val_loader.iter_eval_batches(cfg.monitor.val_batches):
+            batch = to_device(batch, dist.device)
+            with autocast_context(dist.device, cfg.train.precision):
+                loss, _ = causal_lm_loss(model, batch)
+            loss_sum += loss.double().cpu()
+            count += int(batch["n_targets"])
+        loss_sum, count = all_reduce_sum(loss_sum), all_reduce_sum(count)
+        model.train(was_training)
+        if count.item() == 0:
+            return {}
+        val_loss = float(loss_sum / count)
+        # Bits per byte makes runs with different tokenizers comparable: nats/token -> bits/token -> bits/byte.
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                "val_bpb": val_loss / math.log(2) * tokens_per_byte}
+
+    return evaluate
+
+
+def check_resume_compatible(run_dir: Path, model_cfg: ModelConfig) -> None:
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None or not (ckpt / "config.yaml").is_file():
+        return
+    saved = read_yaml(ckpt / "config.yaml").get("model", {})
+    current = model_cfg.model_dump(mode="json")
+    diffs = [k for k in current if k != "preset" and saved.get(k) != current[k]]
+    if diffs:
+        raise CheckpointError(
+            f"{ckpt} was saved for another model shape ({', '.join(f'{k}: {saved.get(k)} -> {current[k]}' for k in diffs)});"
+            " resume with the same model config or choose a new run_dir"
+        )
+
+
+@dataclass
+class PretrainOutcome:
+    result: TrainResult
+    model_dir: Path
+    model: Transformer
+    tokenizer: Tokenizer
+
+
+def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
+    dist = init_distributed(cfg.train.device)
+    try:
+        return _pretrain(cfg, dist, resume=resume)
+    finally:
+        shutdown()
+
+
+def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainOutcome:
+    index = load_index(cfg.data.dataset)
+    tokenizer = Tokenizer.load(cfg.tokenizer or Path(cfg.data.dataset) / "tokenizer")
+    check_tokenizer(index, tokenizer)
+    model_cfg = resolve_model_config(cfg.model, tokenizer, cfg.data.seq_len)
+    cfg = cfg.model_copy(update={"model": model_cfg})
+    accum = grad_accum_steps(cfg, dist.world_size)
+    run_dir = Path(cfg.run_dir)
+    has_checkpoints = latest_checkpoint(run_dir / "checkpoints") is not None
+    if has_checkpoints and not resume:
+        raise ConfigError(f"run_dir={run_dir} already holds checkpoints; pass --resume to continue it, "
+                          "or choose another run_dir")
+    if resume:
+        check_resume_compatible(run_dir, model_cfg)
+
+    seed_everything(cfg.seed)
+    model = build_model(model_cfg, device=dist.device)
+    wrapped = prepare_model(model, cfg, dist)
+    loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
+                       rank=dist.rank, world_size=dist.world_size)
+    train_loader = PackedTokenLoader(cfg.data.dataset, split="train", shuffle=cfg.data.shuffle, **loader_args)
+    val_split = index["splits"].get("val", {})
+    val_loader = None
+    if val_split.get("tokens", 0) > cfg.data.seq_len * dist.world_size:
+        val_loader = PackedTokenLoader(cfg.data.dataset, split="val", shuffle=False, **dict(
+            loader_args, micro_batch_size=min(cfg.train.micro_batch_size,
+                                              max(1, (val_split["tokens"] - 1) // (cfg.data.seq_len * dist.world_size)))))
+    tokens_per_byte = val_split.get("tokens", 0) / max(1, val_split.get("bytes", 1))
+
+    config_yaml = dump_config(cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+
+    prompt_ids = tokenizer.encode(cfg.monitor.sample_prompt, add_bos=True) if tokenizer.bos_id is not None else (
+        tokenizer.encode(cfg.monitor.sample_prompt) or [tokenizer.eos_id])
+
+    def sample_fn(m: Transformer) -> str:
+        ids = sample(m, prompt_ids, max_new_tokens=48, temperature=0.8, top_k=50, seed=cfg.seed)
+        return cfg.monitor.sample_prompt + tokenizer.decode(ids)
+
+    trainer = Trainer(
+        model=wrapped, loss_fn=causal_lm_loss, train_loader=train_loader, train=cfg.train,
+        checkpoint=cfg.checkpoint, stability=cfg.stability, monitor=cfg.monitor, run_dir=run_dir,
+        config_yaml=config_yaml, dist=dist, grad_accum_steps=accum,
+        flops_per_token=training_flops_per_token(model_cfg, cfg.data.seq_len),
+        eval_fn=make_eval_fn(cfg, val_loader, tokens_per_byte, dist), sample_fn=sample_fn,
+    )
+    if dist.is_main:
+        trainer_note = (f"model {model.num_params():,} parameters | {accum} accumulation step(s) x "
+                        f"{dist.world_size} rank(s) x {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens")
+        print(trainer_note, flush=True)
+    result = trainer.fit(resume=resume)
+    model_dir = run_dir / "model"
+    if dist.is_main:
+        save_pretrained(unwrap(wrapped), tokenizer, model_dir)
+    return PretrainOutcome(result=result, model_dir=model_dir, model=model, tokenizer=tokenizer)

@@ -1,0 +1,305 @@
+"""The one training loop.
+
+Every stage (pre-training, SFT, reward modelling, DPO, ORPO, ...) runs through `Trainer.fit`. What differs between
+them is a loss function and the collator that builds its batches, never a subclass:
+
+    loss_fn(model, batch) -> (summed loss over the batch's targets, {metric: float})
+
+with `batch["n_targets"]` the number of targets the collator put in the batch. The trainer divides by the number of
+targets in the whole optimizer step (all accumulation micro-batches on all ranks), so an update is the same whatever
+the micro-batch / accumulation / rank split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from ..config import CheckpointConfig, MonitorConfig, StabilityConfig, TrainConfig
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import DistInfo, all_reduce_sum, barrier, unwrap
+from .monitor import RunLogger, device_peak_flops, memory_stats
+from .optim import WarmupCosineSchedule, build_optimizer
+from .stability import SpikeDetector, TrainingDiverged
+
+LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+class StatefulLoader(Protocol):
+    def __next__(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    history: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    rollbacks: int
+    skipped_nonfinite: int
+    tokens_seen: int
+    train_seconds: float
+    final_eval: dict[str, float] = field(default_factory=dict)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast for the forward pass; parameters, gradients and optimizer state stay fp32 (master weights)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        loss_fn: LossFn,
+        train_loader: StatefulLoader,
+        train: TrainConfig,
+        checkpoint: CheckpointConfig,
+        stability: StabilityConfig,
+        monitor: MonitorConfig,
+        run_dir: Path,
+        config_yaml: str,
+        dist: DistInfo,
+        grad_accum_steps: int = 1,
+        flops_per_token: float | None = None,
+        eval_fn: EvalFn | None = None,
+        sample_fn: Callable[[nn.Module], str] | None = None,
+    ):
+        self.model = model  # possibly wrapped (DDP); `unwrap(model)` is what checkpoints hold
+        self.loss_fn = loss_fn
+        self.loader = train_loader
+        self.cfg, self.ckpt_cfg, self.stab_cfg, self.mon_cfg = train, checkpoint, stability, monitor
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.config_yaml = config_yaml
+        self.dist = dist
+        self.grad_accum_steps = grad_accum_steps
+        self.flops_per_token = flops_per_token
+        self.eval_fn = eval_fn
+        self.sample_fn = sample_fn
+        self.optimizer = build_optimizer(
+            unwrap(model), lr=train.lr, weight_decay=train.weight_decay, betas=train.betas, eps=train.eps
+        )
+        self.schedule = WarmupCosineSchedule(
+            train.lr, train.warmup_steps, train.decay_steps or train.max_steps, train.min_lr_ratio
+        )
+        self.detector = SpikeDetector(stability)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step = 0
+        self.tokens_seen = 0
+        self.rollbacks = 0
+        self.skipped_nonfinite = 0
+        self._tokens_this_run = 0
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "rollbacks": self.rollbacks,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "data": self.loader.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "stability": self.detector.state_dict(),
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.checkpoint_dir, self.step, model=unwrap(self.model), optimizer=self.optimizer,
+                trainer_state=self.trainer_state(), config_yaml=self.config_yaml, keep_last=self.ckpt_cfg.keep_last,
+            )
+        barrier()  # nobody reads a checkpoint before rank 0 has renamed it into place
+        return path
+
+    def restore(self, path: Path, *, restore_data: bool = True) -> None:
+        state = load_checkpoint(path, model=unwrap(self.model), optimizer=self.optimizer)
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        self.schedule.load_state_dict(state["schedule"])
+        self.detector.load_state_dict(state["stability"])
+        if restore_data:
+            self.loader.load_state_dict(state["data"])
+
+    # -- one optimizer step --------------------------------------------------------------------------------------
+
+    def _forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[float, dict[str, float], int]:
+        device = self.dist.device
+        n_local = sum(int(b["n_targets"]) for b in micro_batches)
+        n_global = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.float64)).item())
+        if n_global == 0:
+            return float("nan"), {}, 0
+        # DDP averages gradients over ranks; scaling by world_size turns that back into a sum over all targets.
+        scale = self.dist.world_size / n_global
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        metric_sums: dict[str, float] = {}
+        is_ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, device)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if (last or not is_ddp) else self.model.no_sync()
+            with sync:
+                with autocast_context(device, self.cfg.precision):
+                    loss, metrics = self.loss_fn(self.model, batch)
+                (loss * scale).backward()
+            loss_sum += loss.detach().double().cpu()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        global_loss = float(all_reduce_sum(loss_sum).item()) / n_global
+        return global_loss, metric_sums, n_global
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=max_norm, foreach=True)
+        return float(norm)
+
+    def _rollback(self, loss: float, logger: RunLogger) -> None:
+        self.rollbacks += 1
+        if self.rollbacks > self.stab_cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"loss spiked to {loss:.4f} (running mean {self.detector.mean:.4f}) at step {self.step} after "
+                f"{self.stab_cfg.max_rollbacks} rollbacks; the run is unstable. Lower train.lr, raise "
+                f"train.warmup_steps, or inspect the data around this step (events.jsonl lists each spike)."
+            )
+        ckpt = latest_checkpoint(self.checkpoint_dir)
+        if ckpt is None:
+            raise TrainingDiverged(f"loss spiked at step {self.step} and there is no checkpoint to roll back to")
+        spike_step = self.step
+        position_after_spike = self.loader.state_dict()
+        self.restore(ckpt, restore_data=self.stab_cfg.skip_batches is not None)
+        if self.stab_cfg.skip_batches is None:
+            # Skip every batch from the checkpoint through the spike: replaying them from the same weights tends to
+            # reproduce it.
+            self.loader.load_state_dict(position_after_spike)
+            skipped = (spike_step - self.step + 1) * self.grad_accum_steps
+        else:
+            skipped = self.stab_cfg.skip_batches
+            for _ in range(skipped):
+                next(self.loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        logger.event(
+            spike_step, "rollback",
+            f"loss {loss:.4f} > {self.stab_cfg.spike_factor} x running mean; rolled back to {ckpt.name} "
+            f"(step {self.step}) and skipped {skipped} micro-batches",
+            loss=loss, to_step=self.step, checkpoint=str(ckpt), skipped_batches=skipped, rollbacks=self.rollbacks,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+
+    def fit(self, *, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        if resume:
+            ckpt = latest_checkpoint(self.checkpoint_dir)
+            if ckpt is not None:
+                self.restore(ckpt)
+        start_step = self.step
+        logger = RunLogger(
+            self.run_dir, enabled=self.dist.is_main, tensorboard=self.mon_cfg.tensorboard,
+            progress=self.mon_cfg.progress, total_steps=cfg.max_steps, start_step=start_step,
+        )
+        if resume and start_step:
+            logger.print(f"resumed from step {start_step} ({self.tokens_seen:,} tokens seen)")
+        peak = self.mon_cfg.peak_flops or device_peak_flops(self.dist.device, cfg.precision)
+        if self.stab_cfg.max_rollbacks > 0 and latest_checkpoint(self.checkpoint_dir) is None:
+            self.save()  # the spike rollback always needs a last good state to return to
+        self.model.train()
+        last_loss = None
+        train_seconds = 0.0
+        final_eval: dict[str, float] = {}
+        try:
+            while self.step < cfg.max_steps:
+                t0 = time.perf_counter()
+                lr = self.schedule.apply(self.optimizer)
+                micro_batches = [next(self.loader) for _ in range(self.grad_accum_steps)]
+                loss, metric_sums, n_targets = self._forward_backward(micro_batches)
+                grad_norm = self._clip()
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped_nonfinite += 1
+                    logger.event(self.step, "nonfinite",
+                                 f"non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped",
+                                 loss=loss if math.isfinite(loss) else str(loss),
+                                 grad_norm=grad_norm if math.isfinite(grad_norm) else str(grad_norm))
+                elif self.detector.is_spike(loss):
+                    self._rollback(loss, logger)
+                    continue
+                else:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.detector.update(loss)
+                    last_loss = loss
+                    if grad_norm > self.stab_cfg.grad_norm_alert:
+                        logger.event(self.step, "grad_norm_alert",
+                                     f"gradient norm {grad_norm:.2f} above {self.stab_cfg.grad_norm_alert}",
+                                     grad_norm=grad_norm)
+                if self.dist.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                train_seconds += dt
+                self.schedule.advance()
+                self.step += 1
+                self.tokens_seen += n_targets
+                self._tokens_this_run += n_targets
+                if self.step % self.mon_cfg.log_every == 0 or self.step == cfg.max_steps:
+                    tokens_per_s = n_targets / dt
+                    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": self.tokens_seen,
+                               "tokens_per_s": tokens_per_s, "step_time_s": dt}
+                    if self.flops_per_token:
+                        metrics["mfu"] = self.flops_per_token * tokens_per_s / (peak * self.dist.world_size)
+                    metrics.update({k: v / len(micro_batches) for k, v in metric_sums.items()})
+                    metrics.update(memory_stats(self.dist.device))
+                    logger.log(self.step, metrics)
+                if self.eval_fn is not None and (self.step % self.mon_cfg.val_every == 0 or self.step == cfg.max_steps):
+                    final_eval = self.eval_fn(self.model)
+                    logger.log(self.step, final_eval)
+                if self.sample_fn is not None and self.mon_cfg.sample_every and self.step % self.mon_cfg.sample_every == 0:
+                    logger.print(f"sample @ step {self.step}: {self.sample_fn(unwrap(self.model))!r}")
+                if self.step % self.ckpt_cfg.every == 0 or self.step == cfg.max_steps:
+                    self.save()
+        finally:
+            logger.close()
+        result = TrainResult(
+            steps=self.step, final_loss=last_loss, history=logger.history, events=logger.events,
+            rollbacks=self.rollbacks, skipped_nonfinite=self.skipped_nonfinite, tokens_seen=self.tokens_seen,
+            train_seconds=train_seconds, final_eval=final_eval,
+        )
+        self._summary(logger, result, start_step, peak)
+        return result
+
+    def _summary(self, logger: RunLogger, result: TrainResult, start_step: int, peak: float) -> None:
+        steps_run = result.steps - start_step
+        rows = [("steps", f"{result.steps:,}"), ("tokens seen", f"{result.tokens_seen:,}")]
+        if result.final_loss is not None:
+            rows.append(("final train loss", f"{result.final_loss:.4f}"))
+        for key in ("val_loss", "val_ppl", "val_bpb"):
+            if key in result.final_eval:
+                rows.append((key.replace("_", " "), f"{result.final_eval[key]:.4f}"))
+        if steps_run and result.train_seconds > 0:
+            tps = self._tokens_this_run / result.train_seconds
+            rows.append(("tokens/s (mean)", f"{tps:,.0f}"))
+            if self.flops_per_token:
+                rows.append(("MFU", f"{100 * self.flops_per_token * tps / (peak * self.dist.world_size):.1f}%"))
+        rows += [("rollbacks", str(result.rollbacks)), ("skipped non-finite", str(result.skipped_nonfinite)),
+                 ("train time", f"{result.train_seconds:.1f} s"), ("run dir", str(self.run_dir))]
+        logger.summary_table("forgeline run summary", rows)
+
