@@ -150,7 +150,9 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
     wrapped = prepare_model(model, cfg, dist)
     loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
                        rank=dist.rank, world_size=dist.world_size)
-    train_loader = PackedTokenLoader(cfg.data.dataset, split="train", shuffle=cfg.data.shuffle, **loader_args)
+    # Epoch ends fall on whole optimizer steps, so B x A on one rank and B*A x 1 see identical data across epochs.
+    train_loader = PackedTokenLoader(cfg.data.dataset, split="train", shuffle=cfg.data.shuffle,
+                                     grad_accum_steps=accum, **loader_args)
     val_split = index["splits"].get("val", {})
     val_loader = None
     if val_split.get("tokens", 0) > cfg.data.seq_len * dist.world_size:
