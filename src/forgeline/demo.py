@@ -56,7 +56,7 @@ def run_demo(out: Path, *, steps: int = 300) -> None:
     out = Path(out)
     corpus = write_corpus(out / "stories.txt")
     print(f"[1/4] wrote a corpus of generated stories to {corpus} ({corpus.stat().st_size / 1e6:.1f} MB)")
-    tokenizer = train_bpe([corpus], vocab_size=1024, output_dir=out / "tokenizer", show_progress=False)
+    tokenizer = train_bpe([corpus], vocab_size=512, output_dir=out / "tokenizer", show_progress=False)
     print(f"[2/4] trained a byte-level BPE tokenizer with {tokenizer.vocab_size} tokens -> {out / 'tokenizer'}")
     prepare_dataset([corpus], tokenizer=tokenizer, output_dir=out / "data", val_fraction=0.02, overwrite=True,
                     show_progress=False)
@@ -70,7 +70,7 @@ def run_demo(out: Path, *, steps: int = 300) -> None:
         "run_dir": str(run_dir),
         "model": {"preset": "tiny"},
         "data": {"dataset": str(out / "data"), "seq_len": 128},
-        "train": {"max_steps": steps, "micro_batch_size": 16, "lr": 3e-3, "warmup_steps": min(30, steps // 4),
+        "train": {"max_steps": steps, "micro_batch_size": 16, "lr": 2e-3, "warmup_steps": min(30, steps // 4),
                   "precision": "bf16", "weight_decay": 0.1},
         "checkpoint": {"every": max(1, steps // 2), "keep_last": 1},
         "monitor": {"val_every": max(1, steps // 3), "val_batches": 8, "sample_prompt": "Once upon a time,",
