@@ -246,3 +246,22 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, story_dataset):
     state = copy.deepcopy(trainer_state := result.history[-1])
     assert {"loss", "grad_norm", "lr", "tokens_per_s", "mem_peak_gb"} <= set(state)
     del trainer_state
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, story_dataset):
+    from forgeline.config import PretrainConfig, validate_config
+    from forgeline.train.pretrain import prepare_model
+
+    histories = []
+    for checkpointing in (False, True):
+        model = small_model(vocab=512)
+        cfg = validate_config(PretrainConfig, {"data": {"dataset": str(story_dataset)},
+                                               "train": {"activation_checkpointing": checkpointing}})
+        wrapped = prepare_model(model, cfg, DistInfo())
+        loader = PackedTokenLoader(story_dataset, seq_len=32, micro_batch_size=4, seed=0)
+        result = make_trainer(wrapped, loader, tmp_path / str(checkpointing), max_steps=3).fit()
+        histories.append([h["loss"] for h in result.history])
+        # The wrapper keeps state-dict names unchanged, so checkpoints stay interchangeable.
+        assert "layers.0.attention.wq.weight" in model.state_dict()
+        assert (type(model.layers["0"]).__name__ == "CheckpointWrapper") == checkpointing
+    assert histories[0] == pytest.approx(histories[1], abs=1e-6)
