@@ -88,6 +88,84 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from .model.hf import describe, load_hf, save_forgeline_dir
+
+    src = Path(args.source)
+    out = Path(args.out) if args.out else Path(f"{src.stem if args.format == 'gguf' else src.name}-forgeline")
+    if args.format == "gguf":
+        from .model.gguf import load_gguf
+
+        loaded = load_gguf(src, dtype=args.dtype)
+    else:
+        loaded = load_hf(src, dtype=args.dtype)
+    save_forgeline_dir(loaded, out, overwrite=args.overwrite)
+    print(f"imported {describe(loaded)}\nforgeline model written to {out}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from .model.hf import export_hf
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    out = export_hf(args.source, args.out, tokenizer=tokenizer, architecture=args.architecture, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"Hugging Face model written to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .chat import main_generate
+
+    return main_generate(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import main_chat
+
+    return main_chat(args)
+
+
+def _add_interop_commands(sub) -> None:
+    from .chat import add_generation_args
+
+    imp = sub.add_parser("import", help="convert a Hugging Face dir or a GGUF file into a forgeline model dir")
+    imp_sub = imp.add_subparsers(dest="format", required=True)
+    for fmt, what in (("hf", "a Hugging Face Llama/Mistral/Qwen2 directory"), ("gguf", "a llama.cpp .gguf file")):
+        p = imp_sub.add_parser(fmt, help=f"import {what}")
+        p.add_argument("source", metavar="DIR" if fmt == "hf" else "FILE")
+        p.add_argument("out", nargs="?", metavar="OUT_DIR", help="default: ./<name>-forgeline")
+        p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+        p.set_defaults(func=cmd_import)
+    exp = sub.add_parser("export", help="export a model to another format").add_subparsers(dest="format",
+                                                                                            required=True)
+    p = exp.add_parser("hf", help="write a transformers-loadable directory from a run, checkpoint or model dir")
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--dtype", default=None, help="stored dtype (default: the model's)")
+    p.add_argument("--max-shard-size", default="5GB", help="split the weights past this size (default 5GB)")
+    p.add_argument("--architecture", default=None, help="LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM "
+                                                        "(default: the source's, else Llama, Qwen2 with qkv_bias)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir, when the checkpoint has none beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("generate", help="complete prompts (--prompt ... or --input prompts.jsonl)")
+    add_generation_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--input", default=None, help="JSONL with a 'prompt' string or 'messages' list per line")
+    p.add_argument("--output", default=None, help="write JSONL completions here (default: stdout)")
+    p.add_argument("--chat", action="store_true", help="wrap each --prompt as a user message in the chat template")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (/reset, /exit)")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forgeline", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"forgeline {__version__}")
@@ -95,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="pre-train a tiny model on a corpus built on the spot (no files, no network)")
     p.add_argument("--out", default="forgeline-demo", help="where the demo writes its run (default: ./forgeline-demo)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pretrain", help="pre-train a model on token shards")
@@ -113,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "output=DIR)")
     _add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
+    _add_interop_commands(sub)
     return parser
 
 

@@ -47,7 +47,7 @@ def write_corpus(path: Path, n_stories: int = 6000, seed: int = 0) -> Path:
     return path
 
 
-def run_demo(out: Path, *, steps: int = 300) -> None:
+def run_demo(out: Path, *, steps: int = 200) -> None:
     from .config import PretrainConfig, validate_config
     from .data import prepare_dataset
     from .tokenizer import train_bpe
