@@ -111,6 +111,76 @@ class MonitorConfig(Strict):
     sample_prompt: str = ""
 
 
+class DeepSpeedConfig(Strict):
+    """Only read when parallel.backend is 'deepspeed' (the optional `forgeline[deepspeed]` extra)."""
+
+    zero_stage: Literal[3] = Field(3, description="ZeRO stage; only 3 (parameters, gradients, optimizer sharded)")
+    offload_optimizer: bool = Field(False, description="keep the optimizer state in CPU memory (GPU runs)")
+    overlap_comm: bool = False
+
+
+class ParallelConfig(Strict):
+    """How the model and the batch are laid out over the ranks (see docs/distributed.md).
+
+    world size = pp x dp_replicate x dp_shard x tp. The default, every rank holding a replica, is plain DDP; any
+    other layout builds a DeviceMesh (pp, dp_replicate, dp_shard, tp) and applies, in this order: tensor
+    parallelism, activation checkpointing, torch.compile, FSDP2 per block then root, and pipeline stages.
+    """
+
+    backend: Literal["native", "deepspeed"] = Field(
+        "native", description="native: DDP / FSDP2 / TP / PP from torch.distributed; deepspeed: ZeRO-3 engine"
+    )
+    dp_replicate: int = Field(
+        -1, description="replicas (DDP; HSDP's replicate dimension with dp_shard > 1); -1: fill the world unless "
+                        "dp_shard is -1, then 1"
+    )
+    dp_shard: int = Field(1, description="FSDP2 shard group size; -1: fill the world")
+    tp: int = Field(1, ge=1, description="tensor-parallel degree (divides n_heads, n_kv_heads, ffn_dim)")
+    pp: int = Field(1, ge=1, description="pipeline-parallel degree (ranks per pipeline)")
+    sequence_parallel: bool = Field(
+        True, description="with tp > 1: norms and residuals sharded over the sequence between blocks"
+    )
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int | None = Field(
+        None, gt=0, description="micro-batches per pipeline step (divides micro_batch_size); None: pp x stages/rank"
+    )
+    pp_stages_per_rank: int | None = Field(
+        None, gt=0, description="virtual stages per rank; None: 2 for interleaved_1f1b, else 1"
+    )
+    pp_split_points: list[int] | None = Field(
+        None, description="first layer index of every stage after the first (n_stages - 1 increasing values); "
+                          "None: layers split evenly"
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="true: free gathered parameters after forward (ZeRO-3); false: keep them (ZeRO-2)"
+    )
+    param_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="FSDP2 compute dtype of gathered parameters; auto: bf16 when train.precision is bf16"
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="dtype of FSDP2 gradient reduce-scatter")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        for name in ("dp_replicate", "dp_shard"):
+            value = getattr(self, name)
+            if value != -1 and value < 1:
+                raise ValueError(f"{name} must be -1 (fill) or >= 1, got {value}")
+        if self.pp_split_points is not None:
+            points = self.pp_split_points
+            if any(b <= a for a, b in zip(points, points[1:])) or (points and points[0] <= 0):
+                raise ValueError(f"pp_split_points must be increasing layer indices above 0, got {points}")
+        if self.pp_schedule == "interleaved_1f1b" and self.pp_stages_per_rank == 1:
+            raise ValueError("pp_schedule=interleaved_1f1b needs pp_stages_per_rank >= 2")
+        if self.pp_schedule != "interleaved_1f1b" and (self.pp_stages_per_rank or 1) > 1:
+            raise ValueError(f"pp_stages_per_rank={self.pp_stages_per_rank} needs pp_schedule=interleaved_1f1b")
+        return self
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.pp_stages_per_rank or (2 if self.pp_schedule == "interleaved_1f1b" else 1)
+
+
 class PretrainConfig(Strict):
     run_dir: Path = Path("runs/pretrain")
     seed: int = 0
@@ -121,6 +191,7 @@ class PretrainConfig(Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     stability: StabilityConfig = StabilityConfig()
     monitor: MonitorConfig = MonitorConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------------

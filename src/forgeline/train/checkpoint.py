@@ -210,3 +210,33 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     if (path / "rng.safetensors").is_file():
         set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A checkpoint written by a sharded layout (torch.distributed.checkpoint files under `dcp/`)."""
+    return (Path(path) / "dcp" / ".metadata").is_file()
+
+
+class FullCheckpointer:
+    """Whole-model layouts (one process, DDP): rank 0 writes the safetensors checkpoint above; every rank reads.
+
+    A sharded (DCP) checkpoint from an FSDP2 / TP / PP run is read too, resharded into this whole model.
+    """
+
+    def save(self, checkpoint_root: Path, step: int, *, model, optimizer, trainer_state, config_yaml, keep_last,
+             dist) -> Path | None:
+        from .distributed import barrier
+
+        path = None
+        if dist.is_main:
+            path = save_checkpoint(checkpoint_root, step, model=model, optimizer=optimizer,
+                                   trainer_state=trainer_state, config_yaml=config_yaml, keep_last=keep_last)
+        barrier()  # nobody reads a checkpoint before rank 0 has renamed it into place
+        return path
+
+    def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+        if is_sharded_checkpoint(path):
+            from ..parallel.checkpoint import load_sharded_checkpoint
+
+            return load_sharded_checkpoint(path, model=model, optimizer=optimizer, dist=dist)
+        return load_checkpoint(path, model=model, optimizer=optimizer)

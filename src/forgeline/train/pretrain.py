@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,15 @@ from ..config import PretrainConfig, dump_config, read_yaml
 from ..data import PackedTokenLoader, check_tokenizer, load_index
 from ..errors import CheckpointError, ConfigError
 from ..model import ModelConfig, Transformer, build_model, training_flops_per_token
+from ..model.config import num_params as model_cfg_params
 from ..model.generate import sample
 from ..objectives import causal_lm_loss
 from ..tokenizer import Tokenizer
+from ..parallel.layout import resolve_layout
 from .checkpoint import latest_checkpoint
-from .distributed import DistInfo, all_reduce_sum, init_distributed, shutdown, unwrap
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, unwrap
 from ..model.pretrained import save_pretrained
-from .trainer import Trainer, TrainResult, autocast_context, to_device
+from .trainer import StepExecutor, Trainer, TrainResult
 
 
 def seed_everything(seed: int) -> None:
@@ -72,9 +75,11 @@ def prepare_model(model: Transformer, cfg: PretrainConfig, dist: DistInfo) -> to
     return model
 
 
-def make_eval_fn(cfg: PretrainConfig, val_loader: PackedTokenLoader | None, tokens_per_byte: float, dist: DistInfo):
+def make_eval_fn(cfg: PretrainConfig, val_loader: PackedTokenLoader | None, tokens_per_byte: float, dist: DistInfo,
+                 executor: StepExecutor | None = None):
     if val_loader is None:
         return None
+    executor = executor or StepExecutor(dist)
 
     @torch.no_grad()
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -83,11 +88,11 @@ def make_eval_fn(cfg: PretrainConfig, val_loader: PackedTokenLoader | None, toke
         loss_sum = torch.zeros((), dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
         for batch in val_loader.iter_eval_batches(cfg.monitor.val_batches):
-            batch = to_device(batch, dist.device)
-            with autocast_context(dist.device, cfg.train.precision):
-                loss, _ = causal_lm_loss(model, batch)
-            loss_sum += loss.double().cpu()
-            count += int(batch["n_targets"])
+            loss = executor.evaluate(model, causal_lm_loss, batch, precision=cfg.train.precision, device=dist.device)
+            if executor.reports_loss:
+                loss_sum += loss
+            if executor.counts_targets:
+                count += int(batch["n_targets"])
         loss_sum, count = all_reduce_sum(loss_sum), all_reduce_sum(count)
         model.train(was_training)
         if count.item() == 0:
@@ -123,6 +128,8 @@ class PretrainOutcome:
 
 
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
+    # The layout is checked against the world size and the model's shape before anything starts.
+    resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model)
     dist = init_distributed(cfg.train.device)
     try:
         return _pretrain(cfg, dist, resume=resume)
@@ -136,7 +143,13 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
     check_tokenizer(index, tokenizer)
     model_cfg = resolve_model_config(cfg.model, tokenizer, cfg.data.seq_len)
     cfg = cfg.model_copy(update={"model": model_cfg})
-    accum = grad_accum_steps(cfg, dist.world_size)
+    layout = resolve_layout(cfg.parallel, dist.world_size, model_cfg)
+    whole_model = layout.is_plain_data_parallel and cfg.parallel.backend == "native"
+    if not whole_model and cfg.monitor.sample_every:
+        raise ConfigError(f"monitor.sample_every needs the whole model on every rank; the layout {layout.describe()} "
+                          "splits it (unset monitor.sample_every, or sample from the exported model afterwards)")
+    dp_rank, dp_size = layout.dp_rank(dist.rank), layout.dp
+    accum = grad_accum_steps(cfg, dp_size)
     run_dir = Path(cfg.run_dir)
     has_checkpoints = latest_checkpoint(run_dir / "checkpoints") is not None
     if has_checkpoints and not resume:
@@ -146,19 +159,44 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
         check_resume_compatible(run_dir, model_cfg)
 
     seed_everything(cfg.seed)
+    # Every rank builds the whole model from the same seed (so any layout starts from the single-process weights),
+    # then the layout keeps and shards its part.
     model = build_model(model_cfg, device=dist.device)
-    wrapped = prepare_model(model, cfg, dist)
+    executor = checkpointer = None
+    n_pipeline_micro = 1
+    if whole_model:
+        wrapped = prepare_model(model, cfg, dist)
+    elif cfg.parallel.backend == "deepspeed":
+        from ..parallel.deepspeed import deepspeed_setup
+
+        ds = deepspeed_setup(model, cfg, dist)
+        wrapped, executor, checkpointer = ds.engine, ds.executor, ds.checkpointer
+    else:
+        from ..parallel.apply import parallelize
+        from ..parallel.checkpoint import ShardedCheckpointer
+
+        par = parallelize(model, cfg, layout, dist)
+        wrapped, executor = par.model, par.executor
+        checkpointer = ShardedCheckpointer(layout.describe())
+        n_pipeline_micro = getattr(executor, "n_microbatches", 1)
+    if dist.is_main and not whole_model:
+        print(f"parallel layout: {layout.describe()}", flush=True)
+    # The data loader splits each global micro-batch over the data-parallel ranks only: the tensor-parallel and
+    # pipeline ranks of one replica read the same batch.
     loader_args = dict(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size, seed=cfg.seed,
-                       rank=dist.rank, world_size=dist.world_size)
+                       rank=dp_rank, world_size=dp_size)
     # Epoch ends fall on whole optimizer steps, so B x A on one rank and B*A x 1 see identical data across epochs.
     train_loader = PackedTokenLoader(cfg.data.dataset, split="train", shuffle=cfg.data.shuffle,
                                      grad_accum_steps=accum, **loader_args)
     val_split = index["splits"].get("val", {})
     val_loader = None
-    if val_split.get("tokens", 0) > cfg.data.seq_len * dist.world_size:
+    if n_pipeline_micro > 1:  # the pipeline splits evaluation batches into its micro-batches too
+        if val_split.get("tokens", 0) > cfg.data.seq_len * dp_size * cfg.train.micro_batch_size:
+            val_loader = PackedTokenLoader(cfg.data.dataset, split="val", shuffle=False, **loader_args)
+    elif val_split.get("tokens", 0) > cfg.data.seq_len * dp_size:
         val_loader = PackedTokenLoader(cfg.data.dataset, split="val", shuffle=False, **dict(
             loader_args, micro_batch_size=min(cfg.train.micro_batch_size,
-                                              max(1, (val_split["tokens"] - 1) // (cfg.data.seq_len * dist.world_size)))))
+                                              max(1, (val_split["tokens"] - 1) // (cfg.data.seq_len * dp_size)))))
     tokens_per_byte = val_split.get("tokens", 0) / max(1, val_split.get("bytes", 1))
 
     config_yaml = dump_config(cfg)
@@ -178,14 +216,25 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
         checkpoint=cfg.checkpoint, stability=cfg.stability, monitor=cfg.monitor, run_dir=run_dir,
         config_yaml=config_yaml, dist=dist, grad_accum_steps=accum,
         flops_per_token=training_flops_per_token(model_cfg, cfg.data.seq_len),
-        eval_fn=make_eval_fn(cfg, val_loader, tokens_per_byte, dist), sample_fn=sample_fn,
+        eval_fn=make_eval_fn(cfg, val_loader, tokens_per_byte, dist, executor),
+        sample_fn=sample_fn if whole_model else None, executor=executor, checkpointer=checkpointer,
     )
     if dist.is_main:
-        trainer_note = (f"model {model.num_params():,} parameters | {accum} accumulation step(s) x "
-                        f"{dist.world_size} rank(s) x {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens")
+        trainer_note = (f"model {model_cfg_params(model_cfg):,} parameters | {accum} accumulation step(s) x "
+                        f"{dp_size} data-parallel rank(s) x {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens")
         print(trainer_note, flush=True)
     result = trainer.fit(resume=resume)
     model_dir = run_dir / "model"
-    if dist.is_main:
-        save_pretrained(unwrap(wrapped), tokenizer, model_dir)
+    if whole_model:
+        if dist.is_main:
+            save_pretrained(unwrap(wrapped), tokenizer, model_dir)
+    else:
+        # Sharded layouts: the final checkpoint (always written at max_steps) is consolidated into one model.
+        from ..parallel.checkpoint import consolidate
+
+        barrier()
+        if dist.is_main:
+            consolidate(latest_checkpoint(run_dir / "checkpoints"), model_dir,
+                        tokenizer_dir=cfg.tokenizer or Path(cfg.data.dataset) / "tokenizer")
+        barrier()
     return PretrainOutcome(result=result, model_dir=model_dir, model=model, tokenizer=tokenizer)

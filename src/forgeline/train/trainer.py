@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..config import CheckpointConfig, MonitorConfig, StabilityConfig, TrainConfig
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_sum, barrier, unwrap
+from .checkpoint import FullCheckpointer, latest_checkpoint
+from .distributed import DistInfo, all_reduce_sum, unwrap
 from .monitor import RunLogger, device_peak_flops, memory_stats
 from .optim import WarmupCosineSchedule, build_optimizer
 from .stability import SpikeDetector, TrainingDiverged
@@ -63,6 +63,61 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+class StepExecutor:
+    """How one optimizer step's micro-batches run forward and backward; the trainer's loop is the same for every
+    layout.
+
+    This default holds a whole model per rank (one process, or DDP, whose gradient sync happens on the last
+    micro-batch only). `forgeline.parallel` supplies the FSDP2 / tensor-parallel and the pipeline executors.
+
+    dp_size: ranks that see different data (DDP and FSDP average gradients over them).
+    counts_targets / reports_loss: whether this rank's target count / loss sum enter the global sums (False on
+    ranks that repeat a peer's batch, e.g. the other tensor-parallel ranks, or hold no loss, e.g. early pipeline
+    stages).
+    """
+
+    dp_size: int = 1
+    counts_targets: bool = True
+    reports_loss: bool = True
+
+    def __init__(self, dist: DistInfo | None = None):
+        self.dp_size = dist.world_size if dist is not None else 1
+
+    def forward_backward(self, model: nn.Module, loss_fn: LossFn, micro_batches: list[dict[str, Any]], *,
+                         scale: float, precision: str, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+        """Backward of `scale` x the summed loss of every micro-batch; returns (summed loss, summed metrics)."""
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        metric_sums: dict[str, float] = {}
+        is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        for i, batch in enumerate(micro_batches):
+            batch = to_device(batch, device)
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if (last or not is_ddp) else model.no_sync()
+            with sync:
+                with autocast_context(device, precision):
+                    loss, metrics = loss_fn(model, batch)
+                (loss * scale).backward()
+            loss_sum += loss.detach().double().cpu()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        return loss_sum, metric_sums
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loss_fn: LossFn, batch: dict[str, Any], *, precision: str,
+                 device: torch.device) -> torch.Tensor:
+        """The summed loss of one evaluation batch (no gradient)."""
+        with autocast_context(device, precision):
+            loss, _ = loss_fn(model, to_device(batch, device))
+        return loss.detach().double().cpu()
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 class Trainer:
     def __init__(
         self,
@@ -81,6 +136,9 @@ class Trainer:
         flops_per_token: float | None = None,
         eval_fn: EvalFn | None = None,
         sample_fn: Callable[[nn.Module], str] | None = None,
+        executor: StepExecutor | None = None,
+        checkpointer: Any | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ):
         self.model = model  # possibly wrapped (DDP); `unwrap(model)` is what checkpoints hold
         self.loss_fn = loss_fn
@@ -94,7 +152,11 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.eval_fn = eval_fn
         self.sample_fn = sample_fn
-        self.optimizer = build_optimizer(
+        self.executor = executor or StepExecutor(dist)
+        # Full checkpoints (safetensors, written by rank 0) for whole-model layouts; forgeline.parallel passes a
+        # sharded (DCP) one. Both read either format, so a run may resume under another layout.
+        self.checkpointer = checkpointer or FullCheckpointer()
+        self.optimizer = optimizer or build_optimizer(
             unwrap(model), lr=train.lr, weight_decay=train.weight_decay, betas=train.betas, eps=train.eps
         )
         self.schedule = WarmupCosineSchedule(
@@ -122,17 +184,15 @@ class Trainer:
         }
 
     def save(self) -> Path | None:
-        path = None
-        if self.dist.is_main:
-            path = save_checkpoint(
-                self.checkpoint_dir, self.step, model=unwrap(self.model), optimizer=self.optimizer,
-                trainer_state=self.trainer_state(), config_yaml=self.config_yaml, keep_last=self.ckpt_cfg.keep_last,
-            )
-        barrier()  # nobody reads a checkpoint before rank 0 has renamed it into place
-        return path
+        """Every rank calls this; the checkpointer returns once the checkpoint is complete and renamed into place."""
+        return self.checkpointer.save(
+            self.checkpoint_dir, self.step, model=unwrap(self.model), optimizer=self.optimizer,
+            trainer_state=self.trainer_state(), config_yaml=self.config_yaml, keep_last=self.ckpt_cfg.keep_last,
+            dist=self.dist,
+        )
 
     def restore(self, path: Path, *, restore_data: bool = True) -> None:
-        state = load_checkpoint(path, model=unwrap(self.model), optimizer=self.optimizer)
+        state = self.checkpointer.load(path, model=unwrap(self.model), optimizer=self.optimizer, dist=self.dist)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
@@ -144,34 +204,24 @@ class Trainer:
     # -- one optimizer step --------------------------------------------------------------------------------------
 
     def _forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[float, dict[str, float], int]:
-        device = self.dist.device
-        n_local = sum(int(b["n_targets"]) for b in micro_batches)
+        ex = self.executor
+        n_local = sum(int(b["n_targets"]) for b in micro_batches) if ex.counts_targets else 0
         n_global = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.float64)).item())
         if n_global == 0:
             return float("nan"), {}, 0
-        # DDP averages gradients over ranks; scaling by world_size turns that back into a sum over all targets.
-        scale = self.dist.world_size / n_global
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        metric_sums: dict[str, float] = {}
-        is_ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-        for i, batch in enumerate(micro_batches):
-            batch = to_device(batch, device)
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if (last or not is_ddp) else self.model.no_sync()
-            with sync:
-                with autocast_context(device, self.cfg.precision):
-                    loss, metrics = self.loss_fn(self.model, batch)
-                (loss * scale).backward()
-            loss_sum += loss.detach().double().cpu()
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        # DDP and FSDP average gradients over the data-parallel ranks; scaling by their number turns that back into
+        # a sum over all targets.
+        scale = ex.dp_size / n_global
+        loss_sum, metric_sums = ex.forward_backward(self.model, self.loss_fn, micro_batches, scale=scale,
+                                                    precision=self.cfg.precision, device=self.dist.device)
+        if not ex.reports_loss:
+            loss_sum = torch.zeros((), dtype=torch.float64)
         global_loss = float(all_reduce_sum(loss_sum).item()) / n_global
         return global_loss, metric_sums, n_global
 
     def _clip(self) -> float:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm=max_norm, foreach=True)
-        return float(norm)
+        return self.executor.clip_grad_norm(self.params, max_norm)
 
     def _rollback(self, loss: float, logger: RunLogger) -> None:
         self.rollbacks += 1
@@ -244,8 +294,7 @@ class Trainer:
                     self._rollback(loss, logger)
                     continue
                 else:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.executor.optimizer_step(self.optimizer)
                     self.detector.update(loss)
                     last_loss = loss
                     if grad_norm > self.stab_cfg.grad_norm_alert:

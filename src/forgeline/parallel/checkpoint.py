@@ -1,0 +1,309 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), resharding on load, and consolidation.
+
+A sharded checkpoint is a directory `checkpoints/step_00001000/`:
+
+    dcp/                    model and optimizer, each rank writing its own shards (`.metadata` + `*.distcp`);
+                            keys are the model's own parameter names (`model.layers.3.attention.wq.weight`, the
+                            optimizer flattened per parameter: `optim.state.<name>.exp_avg`), whatever the layout
+    rng/rank_00003.*        the torch / python / numpy generator states of every rank
+    trainer_state.json      step, data position, schedule, stability state, the layout it was saved under
+    config.yaml, meta.json  as for full checkpoints
+
+Saving is collective and atomic: rank 0 creates a hidden temp directory, every rank writes into it, and after a
+barrier rank 0 fsyncs it and renames it into place. Loading asks the *current* model and optimizer for their state
+dicts (DTensor shards of this layout, or plain tensors on one process) and lets DCP read exactly those pieces, so
+a checkpoint saved on N ranks with one layout resumes on M ranks with another, or on a single process; and a full
+(safetensors) checkpoint of a single-process or DDP run resumes under a sharded layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import CheckpointError
+from ..train.checkpoint import (
+    CHECKPOINT_PREFIX,
+    _fsync_dir,
+    git_commit,
+    is_sharded_checkpoint,
+    list_checkpoints,
+    rng_state,
+    set_rng_state,
+)
+from ..train.distributed import barrier
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True, **kw)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _fsync_files(root: Path) -> None:
+    for file in root.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [root, *[p for p in root.rglob("*") if p.is_dir()]]:
+        _fsync_dir(d)
+
+
+class ShardedCheckpointer:
+    """Checkpoints for FSDP2 / TP / PP layouts (see the module docstring)."""
+
+    def __init__(self, layout_description: str = ""):
+        self.layout_description = layout_description
+
+    def save(self, checkpoint_root: Path, step: int, *, model, optimizer, trainer_state, config_yaml, keep_last,
+             dist) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        checkpoint_root = Path(checkpoint_root)
+        final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step:08d}"
+        tmp = checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+        if dist.is_main:
+            checkpoint_root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        barrier()
+        try:
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+            tensors, meta = rng_state()
+            save_file(tensors, str(tmp / "rng" / f"rank_{dist.rank:05d}.safetensors"))
+            (tmp / "rng" / f"rank_{dist.rank:05d}.json").write_text(json.dumps(meta))
+            if dist.is_main:
+                state = dict(trainer_state, step=step, format="dcp", layout=self.layout_description)
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+                (tmp / "config.yaml").write_text(config_yaml)
+                meta = {"forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(),
+                        "step": step, "format": "dcp", "layout": self.layout_description,
+                        "world_size": dist.world_size}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        except BaseException:
+            if dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        barrier()  # every rank's shards are written
+        if dist.is_main:
+            _fsync_files(tmp)
+            if final.exists():  # a re-save of the same step after a rollback
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(checkpoint_root)
+            for old in list_checkpoints(checkpoint_root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()  # nobody reads it before it is in place
+        return final
+
+    def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+        if is_sharded_checkpoint(path):
+            return load_sharded_checkpoint(path, model=model, optimizer=optimizer, dist=dist)
+        return load_full_checkpoint_into_sharded(path, model=model, optimizer=optimizer, dist=dist)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    file = Path(path) / "trainer_state.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: trainer_state.json is missing")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
+
+
+def _restore_rng(path: Path, rank: int) -> None:
+    rng_dir = Path(path) / "rng"
+    own = rng_dir / f"rank_{rank:05d}.safetensors"
+    file = own if own.is_file() else rng_dir / "rank_00000.safetensors"  # resumed on more ranks than saved
+    if file.is_file():
+        set_rng_state(load_file(str(file)), json.loads(file.with_suffix(".json").read_text()))
+
+
+def _check_keys(path: Path, wanted: dict[str, Any], prefix: str, dcp_dir: Path | None = None) -> None:
+    """The clear error for a checkpoint of another model: names missing or of another shape."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reader = FileSystemReader(str(dcp_dir if dcp_dir is not None else Path(path) / "dcp"))
+    metadata = reader.read_metadata().state_dict_metadata
+    missing, mismatched = [], []
+    for key, value in wanted.items():
+        full = f"{prefix}.{key}"
+        if full not in metadata:
+            missing.append(key)
+        elif torch.is_tensor(value) and hasattr(metadata[full], "size") and tuple(metadata[full].size) != tuple(
+                value.shape):
+            mismatched.append(f"{key} {tuple(metadata[full].size)} -> {tuple(value.shape)}")
+    if missing or mismatched:
+        raise CheckpointError(
+            f"{path} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}; shapes "
+            f"differ for {mismatched[:5]}{'...' if len(mismatched) > 5 else ''}"
+        )
+
+
+def load_sharded_checkpoint(path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+    """Read a DCP checkpoint into this rank's model and optimizer, whatever layout either was saved or is run in
+    (a plain model on one process included); returns the trainer state."""
+    path = Path(path)
+    state = _read_state(path)
+    _load_dcp(path / "dcp", model=model, optimizer=optimizer)
+    _restore_rng(path, _rank())
+    return state
+
+
+# Implementation switches of the optimizer, not training state: a checkpoint saved with fused AdamW (plain tensors)
+# must not turn it on for DTensor parameters, which have no fused kernel, or the other way round.
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _load_dcp(dcp_dir: Path, *, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    _check_keys(dcp_dir.parent if dcp_dir.name == "dcp" else dcp_dir, model_sd, "model", dcp_dir=dcp_dir)
+    to_load: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        to_load["optim"] = optim_sd
+        flags = [{k: g[k] for k in _IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
+    dcp.load(to_load, checkpoint_id=str(dcp_dir))
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_sd,
+                   optim_state_dict=optim_sd if optimizer is not None else {}, options=_options())
+    if optimizer is not None:
+        for group, saved in zip(optimizer.param_groups, flags):
+            group.update(saved)
+
+
+def full_checkpoint_as_dcp(path: Path, out: Path, model_cfg) -> None:
+    """Rewrite a full (safetensors) checkpoint's model and optimizer as a one-process DCP checkpoint in `out`, keyed
+    like sharded checkpoints (optimizer states by parameter name, not by position)."""
+    import torch.distributed.checkpoint as dcp
+
+    from ..model import build_model
+    from ..train.optim import param_groups
+
+    path = Path(path)
+    for name in ("model.safetensors", "optimizer.safetensors", "trainer_state.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint: {name} is missing")
+    state = _read_state(path)
+    model_sd = load_file(str(path / "model.safetensors"))
+    if model_cfg.tie_embeddings and "output.weight" not in model_sd:  # a tied table is stored once
+        model_sd["output.weight"] = model_sd["tok_embeddings.weight"]
+    # Full checkpoints number optimizer states by the parameter's position in the whole model's param groups; a meta
+    # copy of the whole model gives the position -> name map.
+    meta = build_model(model_cfg, device="meta")
+    names = {id(p): n for n, p in meta.named_parameters()}
+    order = [names[id(p)] for g in param_groups(meta, 0.0) for p in g["params"]]
+    optim_sd: dict[str, Any] = {}
+    for key, value in load_file(str(path / "optimizer.safetensors")).items():
+        _, idx, name = key.split(".", 2)
+        optim_sd[f"state.{order[int(idx)]}.{name}"] = value
+    opt_meta = state["optimizer"]
+    for idx, scalars in opt_meta.get("scalars", {}).items():
+        for name, value in scalars.items():
+            optim_sd[f"state.{order[int(idx)]}.{name}"] = value
+    for group in opt_meta["param_groups"]:
+        for idx in group["params"]:
+            for hyper, value in group.items():
+                if hyper != "params":
+                    optim_sd[f"param_groups.{order[int(idx)]}.{hyper}"] = tuple(value) if hyper == "betas" else value
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out), no_dist=True)
+
+
+def load_full_checkpoint_into_sharded(path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+    """A full (safetensors) checkpoint of a single-process or DDP run, into a sharded model: rank 0 rewrites it as a
+    DCP checkpoint beside it, and every rank reads its own pieces from that (the same resharding path as always)."""
+    path = Path(path)
+    converted = path.parent / f".tmp-dcp-{path.name}"
+    if dist.is_main:
+        if converted.exists():
+            shutil.rmtree(converted)
+        try:
+            full_checkpoint_as_dcp(path, converted, model_cfg_of(model))
+        except BaseException:
+            shutil.rmtree(converted, ignore_errors=True)
+            raise
+    barrier()
+    try:
+        _load_dcp(converted, model=model, optimizer=optimizer)
+    finally:
+        barrier()
+        if dist.is_main:
+            shutil.rmtree(converted, ignore_errors=True)
+    state = _read_state(path)
+    if (path / "rng.safetensors").is_file():
+        set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    return state
+
+
+def model_cfg_of(model):
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        raise CheckpointError("the model has no `cfg`: cannot map a full checkpoint onto it")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# consolidation: sharded checkpoint -> one safetensors model directory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def consolidate(checkpoint: Path, output: Path, *, tokenizer_dir: Path | None = None) -> Path:
+    """Write a forgeline model directory (model.safetensors + config [+ tokenizer]) from a checkpoint of any layout.
+
+    Runs in one process without a process group: DCP reads every shard of the checkpoint into a whole fp32 model.
+    """
+    import yaml
+
+    from ..model import ModelConfig, build_model
+    from ..model.pretrained import save_pretrained
+    from ..train.checkpoint import load_model_state
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.yaml").is_file():
+        raise CheckpointError(f"{checkpoint} is not a forgeline checkpoint: config.yaml is missing")
+    cfg = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    model_cfg = ModelConfig.model_validate(cfg.get("model", {}))
+    model = build_model(model_cfg, device="meta").to_empty(device="cpu")
+    model.init_weights()  # the non-persistent rotary buffer; every weight is overwritten below
+    if is_sharded_checkpoint(checkpoint):
+        import torch.distributed.checkpoint as dcp
+
+        sd = {k: v for k, v in model.state_dict().items()}
+        if model_cfg.tie_embeddings:
+            sd.pop("output.weight", None)
+        _check_keys(checkpoint, sd, "model")
+        dcp.load({"model": sd}, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
+        model.load_state_dict(sd, strict=not model_cfg.tie_embeddings)
+    else:
+        load_model_state(model, checkpoint / "model.safetensors")
+    if model_cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    tokenizer = None
+    if tokenizer_dir is None and cfg.get("tokenizer"):
+        tokenizer_dir = Path(cfg["tokenizer"])
+    if tokenizer_dir is None and cfg.get("data", {}).get("dataset"):
+        candidate = Path(cfg["data"]["dataset"]) / "tokenizer"
+        tokenizer_dir = candidate if candidate.is_dir() else None
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        from ..tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(tokenizer_dir)
+    return save_pretrained(model, tokenizer, output)
