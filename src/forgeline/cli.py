@@ -43,12 +43,44 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if config is None and not overrides:
         raise ForgelineError("forgeline pretrain needs a CONFIG.yaml (see recipes/) and/or key=value overrides")
     cfg = load_config(PretrainConfig, config, overrides)
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _launch_torchrun(cfg, args)
     if int(os.environ.get("RANK", "0")) == 0:
         print("resolved config:\n" + dump_config(cfg), flush=True)
     outcome = pretrain(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"model saved to {outcome.model_dir}")
     return 0
+
+
+def _launch_torchrun(cfg, args: argparse.Namespace) -> int:
+    """`forgeline pretrain ... --nproc N`: check the layout here, then run the same command under torchrun on this
+    machine (multi-node: call torchrun yourself, see docs/distributed.md)."""
+    import subprocess
+
+    from .data import load_index
+    from .parallel.layout import resolve_layout
+
+    resolve_layout(cfg.parallel, args.nproc, cfg.model)  # a bad layout is one error, before any process starts
+    load_index(cfg.data.dataset)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+               "-m", "forgeline", "pretrain", *args.items, *(["--resume"] if args.resume else [])]
+    return subprocess.run(command).returncode
+
+
+def cmd_export_consolidate(args: argparse.Namespace) -> int:
+    from .parallel.checkpoint import consolidate
+
+    out = consolidate(Path(args.checkpoint), Path(args.out), tokenizer_dir=Path(args.tokenizer) if args.tokenizer
+                      else None)
+    print(f"consolidated model written to {out}")
+    return 0
+
+
+def cmd_plan_memory(args: argparse.Namespace) -> int:
+    from .parallel.memory import main_plan_memory
+
+    return main_plan_memory(args)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
@@ -151,6 +183,12 @@ def _add_interop_commands(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer dir, when the checkpoint has none beside it")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=cmd_export_hf)
+    p = exp.add_parser("consolidate", help="one safetensors model dir from a checkpoint of any layout (sharded DCP "
+                                           "checkpoints included)")
+    p.add_argument("checkpoint", metavar="CKPT", help="run_dir/checkpoints/step_N")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one the run used)")
+    p.set_defaults(func=cmd_export_consolidate)
 
     p = sub.add_parser("generate", help="complete prompts (--prompt ... or --input prompts.jsonl)")
     add_generation_args(p)
@@ -179,7 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train a model on token shards")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (runs torchrun; default 1)")
     p.set_defaults(func=cmd_pretrain)
+
+    plan = sub.add_parser("plan", help="planning commands").add_subparsers(dest="action", required=True)
+    p = plan.add_parser("memory", help="per-rank memory of a model preset under a parallel layout")
+    from .parallel.memory import add_plan_memory_args
+
+    add_plan_memory_args(p)
+    p.set_defaults(func=cmd_plan_memory)
 
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer (inputs=[...] output=DIR vocab_size=N)")

@@ -83,7 +83,14 @@ class ShardedCheckpointer:
             (tmp / "rng").mkdir(parents=True)
         barrier()
         try:
+            # get_state_dict creates the state of an optimizer that has not stepped yet with a zero-lr step, which
+            # counts as Adam's first step: save it as "not stepped" and give the optimizer its empty state back.
+            fresh = optimizer is not None and not optimizer.state
             model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+            if fresh:
+                optim_sd = {k: torch.zeros_like(v) if k.endswith(".step") and torch.is_tensor(v) else v
+                            for k, v in optim_sd.items()}
+                optimizer.state.clear()
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
             tensors, meta = rng_state()
             save_file(tensors, str(tmp / "rng" / f"rank_{dist.rank:05d}.safetensors"))

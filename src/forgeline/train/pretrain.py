@@ -119,6 +119,25 @@ def check_resume_compatible(run_dir: Path, model_cfg: ModelConfig) -> None:
         )
 
 
+def write_memory_report(run_dir: Path, cfg: PretrainConfig, dist: DistInfo, model, optimizer) -> None:
+    """run_dir/memory.json: the planner's per-rank estimate (`forgeline plan memory`) beside the parameter and
+    optimizer bytes every rank actually holds."""
+    import json
+
+    import torch.distributed as torch_dist
+
+    from ..parallel.memory import estimate_memory, measure_state_bytes
+
+    measured = [measure_state_bytes(model, optimizer)]
+    if torch_dist.is_initialized() and dist.world_size > 1:
+        gathered: list = [None] * dist.world_size
+        torch_dist.all_gather_object(gathered, measured[0])
+        measured = gathered
+    if dist.is_main:
+        report = {"estimate": estimate_memory(cfg, dist.world_size).as_dict(), "measured_per_rank": measured}
+        (run_dir / "memory.json").write_text(json.dumps(report, indent=1))
+
+
 @dataclass
 class PretrainOutcome:
     result: TrainResult
@@ -224,6 +243,7 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
                         f"{dp_size} data-parallel rank(s) x {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens")
         print(trainer_note, flush=True)
     result = trainer.fit(resume=resume)
+    write_memory_report(run_dir, cfg, dist, unwrap(wrapped), trainer.optimizer)
     model_dir = run_dir / "model"
     if whole_model:
         if dist.is_main:
