@@ -120,9 +120,17 @@ class ShardedCheckpointer:
         return final
 
     def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+        refuse_deepspeed_checkpoint(path)
         if is_sharded_checkpoint(path):
             return load_sharded_checkpoint(path, model=model, optimizer=optimizer, dist=dist)
         return load_full_checkpoint_into_sharded(path, model=model, optimizer=optimizer, dist=dist)
+
+
+def refuse_deepspeed_checkpoint(path: Path) -> None:
+    if (Path(path) / "deepspeed").is_dir():
+        raise CheckpointError(f"{path} was written by the DeepSpeed backend; resume it with parallel.backend="
+                              "deepspeed on the same number of ranks, or export its weights with "
+                              "`forgeline export consolidate` and start a new run from them")
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -290,7 +298,18 @@ def consolidate(checkpoint: Path, output: Path, *, tokenizer_dir: Path | None = 
     model_cfg = ModelConfig.model_validate(cfg.get("model", {}))
     model = build_model(model_cfg, device="meta").to_empty(device="cpu")
     model.init_weights()  # the non-persistent rotary buffer; every weight is overwritten below
-    if is_sharded_checkpoint(checkpoint):
+    if (checkpoint / "deepspeed").is_dir():
+        from .deepspeed import consolidate_deepspeed_state
+
+        state = consolidate_deepspeed_state(checkpoint)
+        if model_cfg.tie_embeddings:
+            state.pop("output.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (model_cfg.tie_embeddings and m == "output.weight")]
+        if missing or unexpected:
+            raise CheckpointError(f"{checkpoint} does not fit its config: missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]}")
+    elif is_sharded_checkpoint(checkpoint):
         import torch.distributed.checkpoint as dcp
 
         sd = {k: v for k, v in model.state_dict().items()}

@@ -235,6 +235,9 @@ class FullCheckpointer:
         return path
 
     def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+        from ..parallel.checkpoint import refuse_deepspeed_checkpoint
+
+        refuse_deepspeed_checkpoint(path)
         if is_sharded_checkpoint(path):
             from ..parallel.checkpoint import load_sharded_checkpoint
 

@@ -181,15 +181,15 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
     # Every rank builds the whole model from the same seed (so any layout starts from the single-process weights),
     # then the layout keeps and shards its part.
     model = build_model(model_cfg, device=dist.device)
-    executor = checkpointer = None
+    executor = checkpointer = optimizer = None
     n_pipeline_micro = 1
     if whole_model:
         wrapped = prepare_model(model, cfg, dist)
     elif cfg.parallel.backend == "deepspeed":
         from ..parallel.deepspeed import deepspeed_setup
 
-        ds = deepspeed_setup(model, cfg, dist)
-        wrapped, executor, checkpointer = ds.engine, ds.executor, ds.checkpointer
+        ds = deepspeed_setup(model, cfg, dist, grad_accum_steps=accum)
+        wrapped, executor, checkpointer, optimizer = ds.engine, ds.executor, ds.checkpointer, ds.optimizer
     else:
         from ..parallel.apply import parallelize
         from ..parallel.checkpoint import ShardedCheckpointer
@@ -237,13 +237,15 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
         flops_per_token=training_flops_per_token(model_cfg, cfg.data.seq_len),
         eval_fn=make_eval_fn(cfg, val_loader, tokens_per_byte, dist, executor),
         sample_fn=sample_fn if whole_model else None, executor=executor, checkpointer=checkpointer,
+        optimizer=optimizer,
     )
     if dist.is_main:
         trainer_note = (f"model {model_cfg_params(model_cfg):,} parameters | {accum} accumulation step(s) x "
                         f"{dp_size} data-parallel rank(s) x {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens")
         print(trainer_note, flush=True)
     result = trainer.fit(resume=resume)
-    write_memory_report(run_dir, cfg, dist, unwrap(wrapped), trainer.optimizer)
+    if cfg.parallel.backend == "native":
+        write_memory_report(run_dir, cfg, dist, unwrap(wrapped), trainer.optimizer)
     model_dir = run_dir / "model"
     if whole_model:
         if dist.is_main:

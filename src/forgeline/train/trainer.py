@@ -117,6 +117,10 @@ class StepExecutor:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Discard this step's gradients (non-finite loss or gradient norm)."""
+        optimizer.zero_grad(set_to_none=True)
+
 
 class Trainer:
     def __init__(
@@ -284,7 +288,7 @@ class Trainer:
                 loss, metric_sums, n_targets = self._forward_backward(micro_batches)
                 grad_norm = self._clip()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.executor.skip_step(self.optimizer)
                     self.skipped_nonfinite += 1
                     logger.event(self.step, "nonfinite",
                                  f"non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped",

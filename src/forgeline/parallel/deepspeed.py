@@ -1,0 +1,220 @@
+"""The DeepSpeed ZeRO-3 backend (`parallel.backend: deepspeed`, the optional `forgeline[deepspeed]` extra).
+
+The same model, data loader, objective and trainer loop as the native layouts; DeepSpeed owns the parameters'
+partitioning, the gradient reduction, the optimizer step (torch AdamW with forgeline's parameter groups, wrapped by
+ZeRO-3's partitioned optimizer) and its checkpoint files. On CPU it runs with DS_ACCELERATOR=cpu over gloo.
+
+* The objective reads the output projection's weight outside that module's forward (the chunked cross-entropy);
+  the model therefore runs inside a small module whose forward is the loss, with the weight registered as its
+  external parameter, so ZeRO-3 gathers it for the loss.
+* Gradient clipping is DeepSpeed's (`gradient_clipping` = train.grad_clip); a non-finite gradient norm makes
+  DeepSpeed skip the step itself. The spike rollback is not available (it needs the trainer to discard the pending
+  gradients, which ZeRO-3 keeps in its own buffers): set stability.max_rollbacks=0.
+* Checkpoints: `step_N/deepspeed/` in DeepSpeed's format (resumable with this backend and the same world size),
+  beside forgeline's trainer_state.json; `forgeline export consolidate` turns one into a safetensors model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import CheckpointError, ConfigError
+from ..train.checkpoint import CHECKPOINT_PREFIX, _fsync_dir, git_commit, list_checkpoints
+from ..train.distributed import barrier
+from ..train.trainer import StepExecutor, to_device
+
+TAG = "deepspeed"
+
+
+def import_deepspeed(device: torch.device):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else "cuda")
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("parallel.backend=deepspeed needs DeepSpeed: pip install 'forgeline[deepspeed]'") from None
+    return deepspeed
+
+
+class LossModule(nn.Module):
+    """forward(batch) = loss_fn(model, batch): the whole objective inside one forward, as ZeRO-3 needs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.loss_fn = None
+
+    def forward(self, batch: dict[str, Any]):
+        return self.loss_fn(self.model, batch)
+
+
+class DeepSpeedExecutor(StepExecutor):
+    def __init__(self, engine, world_size: int):
+        self.engine = engine
+        self.dp_size = world_size
+
+    def forward_backward(self, model, loss_fn, micro_batches, *, scale, precision, device):
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        metric_sums: dict[str, float] = {}
+        self.engine.module.loss_fn = loss_fn
+        for batch in micro_batches:
+            # no autocast: with train.precision=bf16 DeepSpeed holds bf16 parameters (fp32 master copies in the
+            # optimizer) and the model computes in bf16 directly
+            loss, metrics = self.engine(to_device(batch, device))
+            # our scale already turns DeepSpeed's mean over ranks into the mean over the step's targets
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
+            loss_sum += loss.detach().double().cpu()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        return loss_sum, metric_sums
+
+    @torch.no_grad()
+    def evaluate(self, model, loss_fn, batch, *, precision, device):
+        self.engine.module.loss_fn = loss_fn
+        loss, _ = self.engine(to_device(batch, device))
+        return loss.detach().double().cpu()
+
+    def clip_grad_norm(self, params, max_norm) -> float:
+        # The norm DeepSpeed's step will clip with (ZeRO-3's partitioned gradients, all-reduced).
+        from deepspeed.runtime.utils import get_global_norm
+
+        groups = self.engine.optimizer._get_norm_groups()
+        return float(get_global_norm(norm_list=[float(g) for g in groups]))
+
+    def optimizer_step(self, optimizer) -> None:
+        self.engine.step()
+
+    def skip_step(self, optimizer) -> None:
+        self.engine.step()  # ZeRO-3 sees the non-finite norm, skips the update and clears its buffers
+
+
+class DeepSpeedCheckpointer:
+    def __init__(self, engine, layout_description: str):
+        self.engine = engine
+        self.layout_description = layout_description
+
+    def save(self, checkpoint_root: Path, step: int, *, model, optimizer, trainer_state, config_yaml, keep_last,
+             dist) -> Path:
+        from ..train.checkpoint import rng_state
+        from safetensors.torch import save_file
+
+        checkpoint_root = Path(checkpoint_root)
+        final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step:08d}"
+        tmp = checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+        if dist.is_main:
+            checkpoint_root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        barrier()
+        self.engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
+        tensors, meta = rng_state()
+        save_file(tensors, str(tmp / "rng" / f"rank_{dist.rank:05d}.safetensors"))
+        (tmp / "rng" / f"rank_{dist.rank:05d}.json").write_text(json.dumps(meta))
+        if dist.is_main:
+            state = dict(trainer_state, step=step, format="deepspeed", layout=self.layout_description)
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "meta.json").write_text(json.dumps({
+                "forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(), "step": step,
+                "format": "deepspeed", "layout": self.layout_description, "world_size": dist.world_size}, indent=1))
+        barrier()
+        if dist.is_main:
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    with open(file, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(checkpoint_root)
+            for old in list_checkpoints(checkpoint_root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        from ..train.checkpoint import set_rng_state
+
+        path = Path(path)
+        if not (path / TAG).is_dir():
+            raise CheckpointError(f"{path} was not written by the DeepSpeed backend; it resumes with "
+                                  "parallel.backend=native (or export its weights: forgeline export consolidate)")
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("world_size") not in (None, dist.world_size):
+            raise CheckpointError(f"{path} holds DeepSpeed ZeRO-3 shards of {state['world_size']} ranks; resume it "
+                                  f"on {state['world_size']} ranks, not {dist.world_size}")
+        self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False)
+        rng = path / "rng" / f"rank_{dist.rank:05d}.safetensors"
+        if rng.is_file():
+            set_rng_state(load_file(str(rng)), json.loads(rng.with_suffix(".json").read_text()))
+        return state
+
+
+@dataclass
+class DeepSpeedSetup:
+    engine: Any
+    optimizer: Any
+    executor: DeepSpeedExecutor
+    checkpointer: DeepSpeedCheckpointer
+
+
+def deepspeed_config(cfg, grad_accum_steps: int) -> dict[str, Any]:
+    ds = cfg.parallel.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm, "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": cfg.train.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # torch AdamW with forgeline's parameter groups
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_setup(model: nn.Module, cfg, dist, grad_accum_steps: int) -> DeepSpeedSetup:
+    if cfg.stability.max_rollbacks > 0:
+        raise ConfigError("parallel.backend=deepspeed does not support the loss-spike rollback; set "
+                          "stability.max_rollbacks=0 (non-finite steps are still skipped)")
+    deepspeed = import_deepspeed(dist.device)
+    from ..train.optim import param_groups
+
+    wrapper = LossModule(model)
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=wrapper, optimizer=optimizer,
+                                                      config=deepspeed_config(cfg, grad_accum_steps),
+                                                      dist_init_required=False)
+    if model.output is not None:
+        deepspeed.zero.register_external_parameter(engine.module, model.output.weight)
+    from .layout import resolve_layout
+
+    layout = resolve_layout(cfg.parallel, dist.world_size)
+    return DeepSpeedSetup(engine=engine, optimizer=ds_optimizer,
+                          executor=DeepSpeedExecutor(engine, dist.world_size),
+                          checkpointer=DeepSpeedCheckpointer(engine, f"DeepSpeed ZeRO-3 ({layout.describe()})"))
+
+
+def consolidate_deepspeed_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint, under the model's own names."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
+    return {k.removeprefix("model."): v for k, v in state.items()}
