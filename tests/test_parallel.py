@@ -1,8 +1,8 @@
 """Parallel layouts on CPU (gloo, real multi-process runs): every layout reproduces the single-process losses.
 
 The same global batch (8 sequences of 64 tokens), seed and fp32 weights run as one process, DDP x2, FSDP2 x2
-(ZeRO-3 and ZeRO-2), TP x2 (with and without sequence parallelism), PP x2 (GPipe, 1F1B, interleaved 1F1B), and
-on 4 processes FSDP2 x TP and HSDP; a checkpoint saved under one layout resumes under another; a loss spike under
+(ZeRO-3 and ZeRO-2), TP x2 (with and without sequence parallelism), PP x2 (GPipe, 1F1B, interleaved 1F1B), on 4
+processes FSDP2 x TP, HSDP, PP x FSDP2 and PP x TP, and on 8 processes PP x FSDP2 x TP; a checkpoint saved under one layout resumes under another; a loss spike under
 FSDP2 rolls every rank back to the sharded checkpoint. Layouts of one world size share one torchrun launch.
 
 Tolerance: 2e-5 absolute on the per-step loss (about 4e-6 relative at loss ~5.6). The layouts sum the same
@@ -99,12 +99,18 @@ LAYOUTS_2 = {
 LAYOUTS_4 = {
     "fsdp_x_tp": ["train.micro_batch_size=4", "parallel.dp_shard=-1", "parallel.tp=2"],
     "hsdp": ["train.micro_batch_size=2", "parallel.dp_shard=2", "parallel.dp_replicate=2"],
+    "pp_x_fsdp": ["train.micro_batch_size=4", "parallel.dp_shard=-1", "parallel.pp=2", "parallel.pp_schedule=gpipe"],
+    "pp_x_tp": ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
+}
+LAYOUTS_8 = {  # 3D: pipeline x FSDP2 x tensor parallel
+    "pp_x_fsdp_x_tp": ["train.micro_batch_size=4", "parallel.dp_shard=-1", "parallel.tp=2", "parallel.pp=2"],
 }
 # (name, source run, layout it resumes under): saved on N ranks, resumed on M with another layout.
 RESUMES_2 = {
     "fsdp_to_tp": ("fsdp_zero3", LAYOUTS_2["tp"]),
     "pp_to_fsdp": ("pp_interleaved", LAYOUTS_2["fsdp_zero3"]),
     "single_to_fsdp": ("single", LAYOUTS_2["fsdp_zero3"]),
+    "tp_to_pp": ("tp", LAYOUTS_2["pp_1f1b"]),
 }
 SPIKE = ["train.max_steps=6", "train.decay_steps=6", "stability.max_rollbacks=1", "stability.warmup_steps=2",
          "monitor.val_every=100"]
@@ -117,6 +123,7 @@ def runs(tmp_path_factory, story_dataset):
     root = tmp_path_factory.mktemp("parallel")
     base = write_base(root / "base.yaml", story_dataset)
     assert main(["pretrain", str(base), f"run_dir={root / 'single'}"]) == 0
+    launch(8, base, root, [{"name": n, "overrides": o} for n, o in LAYOUTS_8.items()])
     launch(4, base, root, [{"name": n, "overrides": o} for n, o in LAYOUTS_4.items()])
     launch(2, base, root, [{"name": n, "overrides": o} for n, o in LAYOUTS_2.items()]
            + [{"name": n, "overrides": o, "resume_from": src} for n, (src, o) in RESUMES_2.items()]
@@ -135,7 +142,7 @@ def assert_close_losses(got: dict[int, float], want: dict[int, float], name: str
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [*LAYOUTS_2, *LAYOUTS_4])
+@pytest.mark.parametrize("name", [*LAYOUTS_2, *LAYOUTS_4, *LAYOUTS_8])
 def test_layout_matches_single_process_losses(runs, name):
     want_train, want_val = read_metrics(runs / "single")
     got_train, got_val = read_metrics(runs / name)
@@ -256,7 +263,8 @@ def test_cli_refuses_a_bad_layout_before_any_work(tmp_path, story_dataset, monke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp", "fsdp_zero3", "tp", "pp_1f1b", "pp_interleaved", "fsdp_x_tp", "hsdp"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp_zero3", "tp", "pp_1f1b", "pp_interleaved", "fsdp_x_tp", "hsdp",
+                                  "pp_x_fsdp", "pp_x_fsdp_x_tp"])
 def test_memory_plan_matches_the_measured_parameter_and_optimizer_bytes(runs, name):
     report = json.loads((runs / name / "memory.json").read_text())
     estimate, measured = report["estimate"], report["measured_per_rank"]
