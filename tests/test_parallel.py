@@ -259,6 +259,12 @@ def test_cli_refuses_a_bad_layout_before_any_work(tmp_path, story_dataset, monke
     assert "does not divide the world size 2" in capsys.readouterr().err
     assert main(["pretrain", str(base), f"run_dir={tmp_path / 'run'}", "parallel.dp_shard=0"]) == 2
     assert "parallel: Value error" not in (err := capsys.readouterr().err) and "dp_shard must be -1" in err
+    assert main(["pretrain", str(base), f"run_dir={tmp_path / 'run'}", "parallel.dp_shard=-1",
+                 "monitor.sample_every=5"]) == 2
+    assert "monitor.sample_every needs the whole model on every rank" in capsys.readouterr().err
+    assert main(["pretrain", str(base), f"run_dir={tmp_path / 'run'}", "parallel.backend=deepspeed",
+                 "stability.max_rollbacks=2"]) == 2
+    assert "set stability.max_rollbacks=0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -59,9 +59,9 @@ def _launch_torchrun(cfg, args: argparse.Namespace) -> int:
     import subprocess
 
     from .data import load_index
-    from .parallel.layout import resolve_layout
+    from .train.pretrain import check_parallel_config
 
-    resolve_layout(cfg.parallel, args.nproc, cfg.model)  # a bad layout is one error, before any process starts
+    check_parallel_config(cfg, args.nproc)  # a bad layout is one error, before any process starts
     load_index(cfg.data.dataset)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                "-m", "forgeline", "pretrain", *args.items, *(["--resume"] if args.resume else [])]

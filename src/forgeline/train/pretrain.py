@@ -146,9 +146,22 @@ class PretrainOutcome:
     tokenizer: Tokenizer
 
 
+def check_parallel_config(cfg: PretrainConfig, world_size: int):
+    """The layout against the world size and the model's shape, and what a layout rules out; before anything
+    starts (no process group, no data, no model)."""
+    layout = resolve_layout(cfg.parallel, world_size, cfg.model)
+    whole_model = layout.is_plain_data_parallel and cfg.parallel.backend == "native"
+    if not whole_model and cfg.monitor.sample_every:
+        raise ConfigError(f"monitor.sample_every needs the whole model on every rank; the layout {layout.describe()} "
+                          "splits it (unset monitor.sample_every, or sample from the exported model afterwards)")
+    if cfg.parallel.backend == "deepspeed" and cfg.stability.max_rollbacks > 0:
+        raise ConfigError("parallel.backend=deepspeed does not support the loss-spike rollback; set "
+                          "stability.max_rollbacks=0 (non-finite steps are still skipped)")
+    return layout
+
+
 def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
-    # The layout is checked against the world size and the model's shape before anything starts.
-    resolve_layout(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")), cfg.model)
+    check_parallel_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     dist = init_distributed(cfg.train.device)
     try:
         return _pretrain(cfg, dist, resume=resume)
@@ -162,11 +175,8 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
     check_tokenizer(index, tokenizer)
     model_cfg = resolve_model_config(cfg.model, tokenizer, cfg.data.seq_len)
     cfg = cfg.model_copy(update={"model": model_cfg})
-    layout = resolve_layout(cfg.parallel, dist.world_size, model_cfg)
+    layout = check_parallel_config(cfg, dist.world_size)
     whole_model = layout.is_plain_data_parallel and cfg.parallel.backend == "native"
-    if not whole_model and cfg.monitor.sample_every:
-        raise ConfigError(f"monitor.sample_every needs the whole model on every rank; the layout {layout.describe()} "
-                          "splits it (unset monitor.sample_every, or sample from the exported model afterwards)")
     dp_rank, dp_size = layout.dp_rank(dist.rank), layout.dp
     accum = grad_accum_steps(cfg, dp_size)
     run_dir = Path(cfg.run_dir)
