@@ -96,6 +96,7 @@ LAYOUTS_2 = {
                 "parallel.pp_split_points=[1]"],
     "pp_interleaved": ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
 }
+BF16 = ["train.precision=bf16", "train.micro_batch_size=4", "parallel.dp_shard=-1"]  # FSDP2 MixedPrecisionPolicy
 LAYOUTS_4 = {
     "fsdp_x_tp": ["train.micro_batch_size=4", "parallel.dp_shard=-1", "parallel.tp=2"],
     "hsdp": ["train.micro_batch_size=2", "parallel.dp_shard=2", "parallel.dp_replicate=2"],
@@ -111,6 +112,7 @@ RESUMES_2 = {
     "pp_to_fsdp": ("pp_interleaved", LAYOUTS_2["fsdp_zero3"]),
     "single_to_fsdp": ("single", LAYOUTS_2["fsdp_zero3"]),
     "tp_to_pp": ("tp", LAYOUTS_2["pp_1f1b"]),
+    "fsdp_to_fsdp": ("fsdp_zero3", LAYOUTS_2["fsdp_zero3"]),
 }
 SPIKE = ["train.max_steps=6", "train.decay_steps=6", "stability.max_rollbacks=1", "stability.warmup_steps=2",
          "monitor.val_every=100"]
@@ -127,7 +129,8 @@ def runs(tmp_path_factory, story_dataset):
     launch(4, base, root, [{"name": n, "overrides": o} for n, o in LAYOUTS_4.items()])
     launch(2, base, root, [{"name": n, "overrides": o} for n, o in LAYOUTS_2.items()]
            + [{"name": n, "overrides": o, "resume_from": src} for n, (src, o) in RESUMES_2.items()]
-           + [{"name": "fsdp_spike", "overrides": [MB4, "parallel.dp_shard=-1", *SPIKE], "spike_at": SPIKE_AT}])
+           + [{"name": "fsdp_spike", "overrides": [MB4, "parallel.dp_shard=-1", *SPIKE], "spike_at": SPIKE_AT},
+              {"name": "fsdp_bf16", "overrides": BF16}])
     # A sharded checkpoint of 4 ranks (FSDP2 x TP) resumed by one process.
     shutil.copytree(root / "fsdp_x_tp", root / "fsdp_x_tp_to_single")
     shutil.rmtree(sorted((root / "fsdp_x_tp_to_single" / "checkpoints").glob("step_*"))[-1])
@@ -160,6 +163,27 @@ def test_checkpoint_resumes_under_another_layout(runs, name):
     assert_close_losses(got, want, name)
     state = json.loads((runs / name / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["data"]["batch_in_epoch"] == STEPS
+
+
+@pytest.mark.slow
+def test_same_layout_resume_is_exact(runs):
+    want, _ = read_metrics(runs / "fsdp_zero3")
+    got, _ = read_metrics(runs / "fsdp_to_fsdp")
+    assert got == want  # bit for bit: model, AdamW state, schedule and data position restored from the DCP shards
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_mixed_precision_tracks_the_bf16_single_process_run(runs, tmp_path):
+    """bf16 parameters for compute (FSDP2 MixedPrecisionPolicy), fp32 master weights and fp32 gradient reduction,
+    against one process with bf16 autocast: not the same arithmetic (which ops round to bf16 differs), so the
+    tolerance is loose; it catches a wrong scaling or a missing reduction, which would be off by far more."""
+    assert main(["pretrain", str(runs / "base.yaml"), f"run_dir={tmp_path / 'single_bf16'}",
+                 "train.precision=bf16"]) == 0
+    want, _ = read_metrics(tmp_path / "single_bf16")
+    got, _ = read_metrics(runs / "fsdp_bf16")
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert abs(got[step] - want[step]) < 0.02, (step, got[step], want[step])
 
 
 @pytest.mark.slow
