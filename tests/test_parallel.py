@@ -267,6 +267,7 @@ def test_layout_resolution():
     (dict(pp=2, pp_schedule="interleaved_1f1b", pp_stages_per_rank=4), 2, {}, "8 stages but the model has only"),
     (dict(pp=2, pp_split_points=[1, 2]), 2, {}, "pp_split_points has 2 entries; 2 stages need 1"),
     (dict(pp=2, pp_split_points=[4]), 2, {}, "reaches beyond n_layers=4"),
+    (dict(pp=2), 2, dict(tie_embeddings=True), "model.tie_embeddings with parallel.pp=2 is not supported"),
 ])
 def test_bad_layouts_are_one_clear_error(parallel, world, model, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")

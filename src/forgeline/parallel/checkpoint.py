@@ -280,15 +280,12 @@ def model_cfg_of(model):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def consolidate(checkpoint: Path, output: Path, *, tokenizer_dir: Path | None = None) -> Path:
-    """Write a forgeline model directory (model.safetensors + config [+ tokenizer]) from a checkpoint of any layout.
-
-    Runs in one process without a process group: DCP reads every shard of the checkpoint into a whole fp32 model.
-    """
+def load_consolidated_model(checkpoint: Path):
+    """The whole fp32 model of a checkpoint of any layout (full safetensors, sharded DCP or DeepSpeed ZeRO-3), in one
+    process without a process group."""
     import yaml
 
     from ..model import ModelConfig, build_model
-    from ..model.pretrained import save_pretrained
     from ..train.checkpoint import load_model_state
 
     checkpoint = Path(checkpoint)
@@ -322,6 +319,18 @@ def consolidate(checkpoint: Path, output: Path, *, tokenizer_dir: Path | None = 
         load_model_state(model, checkpoint / "model.safetensors")
     if model_cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
+    return model
+
+
+def consolidate(checkpoint: Path, output: Path, *, tokenizer_dir: Path | None = None) -> Path:
+    """Write a forgeline model directory (model.safetensors + config [+ tokenizer]) from a checkpoint of any layout."""
+    import yaml
+
+    from ..model.pretrained import save_pretrained
+
+    checkpoint = Path(checkpoint)
+    model = load_consolidated_model(checkpoint)
+    cfg = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
     tokenizer = None
     if tokenizer_dir is None and cfg.get("tokenizer"):
         tokenizer_dir = Path(cfg["tokenizer"])

@@ -112,6 +112,10 @@ def check_model_fits(layout: Layout, cfg: ParallelConfig, model: ModelConfig) ->
                 raise ConfigError(f"parallel.tp={tp} does not divide model.{name}={value}: tensor parallelism "
                                   f"splits the {name.removeprefix('n_').replace('_', ' ')} evenly over the tp ranks")
     if layout.pp > 1:
+        if model.tie_embeddings:
+            raise ConfigError(f"model.tie_embeddings with parallel.pp={layout.pp} is not supported: the embedding "
+                              "(first stage) and the output projection (last stage) would be two copies on "
+                              "different ranks")
         split_layers(model.n_layers, layout.n_stages, cfg.pp_split_points)  # raises with the numbers
         if cfg.pp_microbatches is not None and cfg.pp_microbatches < layout.pp and cfg.pp_schedule != "gpipe":
             raise ConfigError(f"parallel.pp_microbatches={cfg.pp_microbatches} is fewer than the pp={layout.pp} "
