@@ -2,7 +2,8 @@
 
 The same global batch (8 sequences of 64 tokens), seed and fp32 weights run as one process, DDP x2, FSDP2 x2
 (ZeRO-3 and ZeRO-2), TP x2 (with and without sequence parallelism), PP x2 (GPipe, 1F1B, interleaved 1F1B), on 4
-processes FSDP2 x TP, HSDP, PP x FSDP2 and PP x TP, and on 8 processes PP x FSDP2 x TP; a checkpoint saved under one layout resumes under another; a loss spike under
+processes FSDP2 x TP, HSDP and PP x TP (both with activation checkpointing), PP x FSDP2, and on 8 processes
+PP x FSDP2 x TP; a checkpoint saved under one layout resumes under another; a loss spike under
 FSDP2 rolls every rank back to the sharded checkpoint. Layouts of one world size share one torchrun launch.
 
 Tolerance: 2e-5 absolute on the per-step loss (about 4e-6 relative at loss ~5.6). The layouts sum the same
@@ -99,9 +100,11 @@ LAYOUTS_2 = {
 BF16 = ["train.precision=bf16", "train.micro_batch_size=4", "parallel.dp_shard=-1"]  # FSDP2 MixedPrecisionPolicy
 LAYOUTS_4 = {
     "fsdp_x_tp": ["train.micro_batch_size=4", "parallel.dp_shard=-1", "parallel.tp=2"],
-    "hsdp": ["train.micro_batch_size=2", "parallel.dp_shard=2", "parallel.dp_replicate=2"],
+    "hsdp": ["train.micro_batch_size=2", "parallel.dp_shard=2", "parallel.dp_replicate=2",
+             "train.activation_checkpointing=true"],
     "pp_x_fsdp": ["train.micro_batch_size=4", "parallel.dp_shard=-1", "parallel.pp=2", "parallel.pp_schedule=gpipe"],
-    "pp_x_tp": ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
+    "pp_x_tp": ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                "train.activation_checkpointing=true"],
 }
 LAYOUTS_8 = {  # 3D: pipeline x FSDP2 x tensor parallel
     "pp_x_fsdp_x_tp": ["train.micro_batch_size=4", "parallel.dp_shard=-1", "parallel.tp=2", "parallel.pp=2"],
