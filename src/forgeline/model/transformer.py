@@ -13,6 +13,7 @@ may be None, so a pipeline stage can drop the parts it does not own.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -52,16 +53,91 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return angles.cos(), angles.sin()
 
 
+class _Rope(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin, half by half: (x1 c1 - x2 s1, x2 c2 + x1 s2). The same products and sums as
+    the plain expression, without its negated copy, concatenation and full-size temporaries, and a backward pass
+    that is the transposed rotation (gx1 = g1 c1 + g2 s2, gx2 = g2 c2 - g1 s1) instead of five autograd nodes."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype))  # keeps x's (transposed) strides
+        x1, x2 = x.chunk(2, dim=-1)
+        c1, c2 = cos.chunk(2, dim=-1)
+        s1, s2 = sin.chunk(2, dim=-1)
+        o1, o2 = out.chunk(2, dim=-1)
+        torch.mul(x1, c1, out=o1).addcmul_(x2, s1, value=-1)
+        torch.mul(x2, c2, out=o2).addcmul_(x1, s2)
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        gx = torch.empty_like(grad)
+        g1, g2 = grad.chunk(2, dim=-1)
+        c1, c2 = cos.chunk(2, dim=-1)
+        s1, s2 = sin.chunk(2, dim=-1)
+        o1, o2 = gx.chunk(2, dim=-1)
+        torch.mul(g1, c1, out=o1).addcmul_(g2, s2)
+        torch.mul(g2, c2, out=o2).addcmul_(g1, s1, value=-1)
+        return gx.to(ctx.x_dtype), None, None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope without the final cast: the result has the promoted dtype of x and cos (fp32 for bf16 activations
+    under autocast), which the attention takes as it is."""
+    if cos.requires_grad or sin.requires_grad or cos.dtype != sin.dtype:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return _Rope.apply(x, cos, sin)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (x1, x2) halves of each head by the position's angle. x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return rotate(x, cos, sin).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    """weight * (x / rms(x)).to(x.dtype), the normalisation in fp32: the forward pass is F.rms_norm's arithmetic
+    (x.pow(2).mean + eps, rsqrt, multiply); the backward pass is written out (two reductions, three elementwise
+    passes) instead of autograd's walk through pow, mean, add, rsqrt and two multiplications."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = xf * rstd
+        out = weight * y.to(x.dtype)
+        ctx.save_for_backward(y, rstd, weight)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, rstd, weight = ctx.saved_tensors
+        x_dtype = ctx.x_dtype
+        dim = y.shape[-1]
+        grad_w = None
+        if x_dtype == torch.float32 and grad.dtype == torch.float32 and weight.dtype == torch.float32:
+            gy_y = grad * y  # d loss / d weight per row; (gy * y) summed over the row is this times weight
+            if ctx.needs_input_grad[1]:
+                grad_w = gy_y.reshape(-1, dim).sum(0)
+            mean_gy_y = torch.matmul(gy_y, weight).unsqueeze(-1).div_(dim)
+            grad_x = (grad * weight).addcmul_(y, mean_gy_y, value=-1).mul_(rstd)
+            return grad_x if ctx.needs_input_grad[0] else None, grad_w, None
+        yc = y.to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * yc).reshape(-1, dim).sum(0).to(weight.dtype)
+        gy = (grad * weight).to(x_dtype).float()
+        mean_gy_y = (gy * y).mean(-1, keepdim=True)
+        grad_x = gy.addcmul_(y, mean_gy_y, value=-1).mul_(rstd)
+        return grad_x.to(x_dtype), grad_w, None
 
 
 class RMSNorm(nn.Module):
@@ -73,8 +149,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * out.to(x.dtype)
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -108,6 +183,34 @@ class KVCache:
         self.values = [v.index_select(0, index) for v in self.values]
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_amx() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # a private API; without it assume the common case, no AMX
+        return False
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """SDPA over (B, H, T, D) queries and (B, H_kv, S, D) keys/values; mask: None (causal), NO_MASK or a bool mask.
+
+    Grouped-query heads go to the kernel as they are (enable_gqa): no repeated copies of the keys and values.
+    Under bf16 autocast on a CPU without AMX the attention runs in fp32: there the CPU flash kernel's bf16 backward
+    is about 2x slower than its fp32 one (AVX-512 has no bf16 arithmetic beyond dot products), and fp32 is the more
+    accurate of the two. GPUs and AMX CPUs keep autocast's choice (bf16).
+    """
+    if (q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not _cpu_has_amx()):
+        with torch.autocast("cpu", enabled=False):
+            return attention(q.float(), k.float(), v.float(), mask)
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if mask is NO_MASK:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -124,19 +227,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_id, k, v)
-        n_rep = q.shape[1] // k.shape[1]
-        if n_rep > 1:  # grouped-query: each key/value head serves n_rep query heads
-            k = k.repeat_interleave(n_rep, dim=1)
-            v = v.repeat_interleave(n_rep, dim=1)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif mask is NO_MASK:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
     def reset_parameters(self, init_std: float, out_std: float) -> None:
