@@ -4,7 +4,7 @@
 
 Batch 8, 64 prompt tokens, 128 new tokens, greedy, no early stop on either side (EOS disabled), same dtype on
 both sides. Reports new tokens per second (batch * new tokens / wall time of the whole generate call, prefill
-included), the ratio, and the 1-minute load average next to each figure: on a shared 2-core machine a busy
+included; median of interleaved runs), the ratio, and the 1-minute load average next to each figure: on a shared 2-core machine a busy
 neighbour halves the numbers, so only figures taken at low load are comparable.
 
 Models: `ref-small` (random; vocab 16384, d 512, 8 layers, 8 heads / 4 kv heads, ffn 1376) and `smollm2`
@@ -76,16 +76,19 @@ def hf_twin(model, dtype):
     return hf.to(dtype)
 
 
-def timed(fn, repeats: int) -> tuple[float, str]:
-    fn()  # warm-up (allocator, oneDNN kernels)
-    times = []
-    loads = []
+def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, str, float, str]:
+    """Median wall time of each, runs interleaved (a, b, a, b, ...) so both see the same machine conditions."""
+    fn_a(), fn_b()  # warm-up (allocator, oneDNN kernels)
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    loads: dict[str, list[str]] = {"a": [], "b": []}
     for _ in range(repeats):
-        loads.append(load_avg())
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), "/".join(loads)
+        for key, fn in (("a", fn_a), ("b", fn_b)):
+            loads[key].append(load_avg())
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return (statistics.median(times["a"]), "/".join(loads["a"]), statistics.median(times["b"]),
+            "/".join(loads["b"]))
 
 
 def main() -> int:
@@ -136,13 +139,12 @@ def main() -> int:
                 theirs = run_hf()[:, PROMPT:].tolist()
                 same = sum(a == b for a, b in zip(ours, theirs))
                 print(f"{name} fp32: {same}/{BATCH} rows generate identical tokens")
-            t_fl, load_fl = timed(run_forgeline, args.repeats)
-            t_hf, load_hf = timed(run_hf, args.repeats)
+            t_fl, load_fl, t_hf, load_hf = timed_pair(run_forgeline, run_hf, args.repeats)
             tps_fl, tps_hf = BATCH * NEW / t_fl, BATCH * NEW / t_hf
             rows.append((name, dtype_name, tps_fl, load_fl, tps_hf, load_hf, tps_fl / tps_hf))
             print(f"{name:10s} {dtype_name:8s} forgeline {tps_fl:7.1f} tok/s (load {load_fl})   "
                   f"transformers {tps_hf:7.1f} tok/s (load {load_hf})   ratio {tps_fl / tps_hf:.2f}x", flush=True)
-            del hf
+            hf = None  # free it before the next dtype
     print("\n| model | dtype | forgeline tok/s (load) | transformers tok/s (load) | ratio |")
     print("|---|---|---|---|---|")
     for name, dt, a, la, b, lb, r in rows:

@@ -156,6 +156,53 @@ def test_bad_gguf_files(tmp_path, capsys):
         load_gguf(tmp_path / "gpt2.gguf")
 
 
+def test_sentencepiece_gguf_tokenizer_matches_the_hugging_face_conversion(shared_data):
+    """tokenizer.ggml.model 'llama' (Llama 2 / Mistral / Phi-3 GGUFs): tokens + scores -> BPE merges. Checked on
+    the real Phi-3-mini SentencePiece vocabulary, with scores given as llama.cpp stores them (a piece's score ranks
+    the merge that makes it), against its Hugging Face tokenizer.json on WikiText text."""
+    import json
+
+    import tokenizers
+
+    from forgeline.model.gguf import tokenizer_from_gguf
+
+    path = shared_data / "tokenizers" / "phi-3-mini" / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    ref = tokenizers.Tokenizer.from_file(str(path))
+    tokens = [None] * ref.get_vocab_size()
+    for t, i in ref.get_vocab().items():
+        tokens[i] = t
+    rank: dict[str, int] = {}
+    for r, m in enumerate(spec["model"]["merges"]):
+        a, b = m.split(" ") if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    added = {a["id"]: a for a in spec["added_tokens"]}
+    types = [(3 if added[i]["special"] else 4) if i in added else 6 if t.startswith("<0x") else 1
+             for i, t in enumerate(tokens)]
+    scores = [0.0 if types[i] != 1 else -float(rank.get(t, 1e9)) for i, t in enumerate(tokens)]
+
+    class Meta:
+        path = Path("phi3.gguf")
+        data = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+                "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+                "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+                "tokenizer.ggml.add_bos_token": True}
+
+        def get(self, key, default=None):
+            return self.data.get(key, default)
+
+        def require(self, key):
+            return self.data[key]
+
+    tok = tokenizer_from_gguf(Meta())
+    text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:6000]
+    text += "\n  two spaces, a tab\t, ünïcödé and an emoji 🙂 (byte fallback)"
+    ids = tok.encode(text)
+    assert ids == ref.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids, skip_special_tokens=True) == ref.decode(ids)
+    assert tok.backend.encode("hi", add_special_tokens=True).ids[0] == 1  # add_bos_token -> post-processor
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The real model
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The file is read with the ``gguf`` package (llama.cpp's own reader, memory-mapped). Metadata becomes the
 ModelConfig; ``tokenizer.ggml.*`` becomes a ``tokenizers`` byte-level BPE (tokens + merges, the pre-tokenizer regex
-named by ``tokenizer.ggml.pre``, special tokens from the token types, BOS/EOS/PAD ids, ``add_bos_token``) and
+named by ``tokenizer.ggml.pre``; or, for ``llama`` tokenizers, a SentencePiece BPE from tokens + scores), special
+tokens from the token types, BOS/EOS/PAD ids, ``add_bos_token``) and
 ``tokenizer.chat_template`` the chat template. Tensors are dequantized one at a time into the model's dtype.
 
 Supported architectures: ``llama`` (also Mistral, SmolLM, TinyLlama files) and ``qwen2``.
@@ -294,8 +295,37 @@ def _pre_tokenizer(pre: str | None, path: Path):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], unk: str | None, *,
+                       add_space_prefix: bool = True):
+    """A SentencePiece BPE vocabulary (tokens + scores) as a `tokenizers` BPE, the way transformers converts
+    Llama's tokenizer.model (LlamaConverter): merges are every split of a piece into two vocabulary pieces, ranked by
+    the merged piece's score; byte fallback; "▁" for spaces, prepended to the text."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        local = []
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                local.append((left, right, score))
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep the order above
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token=unk,
+                                              fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return backend
+
+
 def tokenizer_from_gguf(meta: _Meta):
-    """A forgeline Tokenizer from tokenizer.ggml.* metadata (byte-level BPE, i.e. tokenizer.ggml.model 'gpt2')."""
+    """A forgeline Tokenizer from tokenizer.ggml.* metadata: tokenizer.ggml.model 'gpt2' (byte-level BPE: tokens +
+    merges + pre-tokenizer) or 'llama' (SentencePiece BPE: tokens + scores, byte fallback)."""
     import tokenizers
     from tokenizers import AddedToken, decoders, models, processors
 
@@ -304,26 +334,35 @@ def tokenizer_from_gguf(meta: _Meta):
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         return None
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise CheckpointError(f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported (supported: 'gpt2', "
-                              "byte-level BPE); import the Hugging Face checkpoint for its tokenizer.json")
-    tokens: list[str] = meta.require("tokenizer.ggml.tokens")
-    merges_raw: list[str] = meta.get("tokenizer.ggml.merges") or []
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+                              "byte-level BPE, and 'llama', SentencePiece BPE); import the Hugging Face checkpoint "
+                              "for its tokenizer.json")
+    tokens: list[str] = list(meta.require("tokenizer.ggml.tokens"))
+    types = [int(t) for t in (meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise CheckpointError(f"{meta.path}: tokenizer.ggml.tokens has duplicate tokens")
-    merges = []
-    for m in merges_raw:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise CheckpointError(f"{meta.path}: malformed merge {m!r}")
-        merges.append((parts[0], parts[1]))
-    pre = meta.get("tokenizer.ggml.pre")
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                              ignore_merges=_PRE_TOKENIZERS.get(pre) == _LLAMA3_REGEX))
-    backend.pre_tokenizer = _pre_tokenizer(pre, meta.path)
-    backend.decoder = decoders.ByteLevel()
+    if kind == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise CheckpointError(f"{meta.path}: a SentencePiece tokenizer needs tokenizer.ggml.scores")
+        unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+        backend = _sentencepiece_bpe(tokens, [float(x) for x in scores],
+                                     None if unk_id is None else tokens[int(unk_id)],
+                                     add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+    else:
+        merges = []
+        for m in meta.get("tokenizer.ggml.merges") or []:
+            parts = m.split(" ")
+            if len(parts) != 2:
+                raise CheckpointError(f"{meta.path}: malformed merge {m!r}")
+            merges.append((parts[0], parts[1]))
+        pre = meta.get("tokenizer.ggml.pre")
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                                  ignore_merges=_PRE_TOKENIZERS.get(pre) == _LLAMA3_REGEX))
+        backend.pre_tokenizer = _pre_tokenizer(pre, meta.path)
+        backend.decoder = decoders.ByteLevel()
     # Control tokens (type 3) are special; user-defined ones (type 4) are matched verbatim but decoded as text.
     specials = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if int(t) == 3]
     users = [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if int(t) == 4]

@@ -421,6 +421,8 @@ def allocate_model(cfg: ModelConfig, *, dtype: torch.dtype | None, device: str |
     if dtype is not None:
         model = model.to(dtype)
     model = model.to_empty(device=device)
+    if {name for name, _ in model.named_buffers()} - {"inv_freq"}:
+        model.init_weights()  # buffers this loader does not know how to fill: let the model compute them (slower)
     fix_rope(model)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
