@@ -6,15 +6,19 @@ compared step by step) on the same token batches:
 * HF: `LlamaForCausalLM` (attn_implementation="sdpa", use_cache=False), forward with labels (its own loss, fp32
   upcast of the logits), backward, `clip_grad_norm_(1.0)`, `torch.optim.AdamW` with its default implementation,
   `zero_grad`. bf16: `torch.autocast("cpu", torch.bfloat16)` around forward + loss, fp32 weights.
-* forgeline: `Trainer(...).fit()` with `causal_lm_loss` (fused AdamW, its own bf16 autocast), logging to
-  metrics.jsonl only; the step times are the ones the trainer itself measures and records in `history`.
+* forgeline: `Trainer(...).fit()` with `causal_lm_loss` (fused AdamW, chunked linear + cross-entropy, its own bf16
+  autocast), logging to metrics.jsonl only; the step times are the ones the trainer itself measures and records in
+  `history` (each block of steps is one more `fit()` call on the same trainer). One difference in what is computed:
+  under bf16 autocast on a CPU without AMX, forgeline runs the attention (SDPA) in fp32, HF in bf16; every matmul
+  of a linear layer, the output projection included, is bf16 on both sides.
 
-Warm-up steps are excluded; the timed steps of the two frameworks are interleaved in blocks (HF, forgeline,
-forgeline, HF, ...) so that drift in machine load hits both. Tokens/s = batch * seq_len / median step time.
-MFU = training_flops_per_token * tokens/s / (square-matmul peak of the same precision measured in this run).
+Warm-up steps are excluded; the timed steps of the two frameworks are interleaved step by step in ABBA order
+(HF, forgeline | forgeline, HF | ...) so that drift in machine load hits both. Tokens/s = batch * seq_len / median
+step time. MFU = training_flops_per_token * tokens/s / (square-matmul peak of the same precision measured in this
+run). Each row also reports the 1-minute load average and the CPU used by other processes while it ran.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/pretrain.py [--shapes ref-tiny,ref-small] [--precisions fp32,bf16]
-        [--steps 10] [--threads 2] [--json OUT]
+        [--steps 20] [--small-steps 8] [--threads 2] [--json OUT]
 """
 
 from __future__ import annotations
@@ -51,6 +55,34 @@ def load1() -> float:
             return float(fh.read().split()[0])
     except OSError:
         return float("nan")
+
+
+class OtherCPU:
+    """CPU time used by *other* processes over an interval, in cores (0 .. number of CPUs): all busy time from
+    /proc/stat minus this process's own. Unlike the load average it does not count the benchmark itself."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+            with open("/proc/self/stat") as fh:
+                own = fh.read().rsplit(")", 1)[1].split()
+            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+            return busy, int(own[11]) + int(own[12]), time.perf_counter()  # utime + stime of all our threads
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cores(self) -> float:
+        end = self._sample()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return float("nan")
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, other / self.hz / (end[2] - self.start[2]))
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
@@ -231,7 +263,7 @@ class ForgelineRunner:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def bench_one(shape_name: str, precision: str, warmup: int, timed: int, rounds: int, peaks: dict,
+def bench_one(shape_name: str, precision: str, warmup: int, timed: int, block: int, peaks: dict,
               tmp: Path) -> dict:
     from forgeline.model.config import training_flops_per_token
 
@@ -246,11 +278,12 @@ def bench_one(shape_name: str, precision: str, warmup: int, timed: int, rounds: 
     fpt = training_flops_per_token(fl_cfg, shape["seq"])
 
     load_start = load1()
+    others = OtherCPU()
     # Warm-up (untimed), then blocks in ABBA order: HF, FL | FL, HF | HF, FL ...
     for _ in range(warmup):
         hf.step()
     fl.run(warmup)
-    blocks = [timed // rounds + (1 if r < timed % rounds else 0) for r in range(rounds)]
+    blocks = [min(block, timed - i) for i in range(0, timed, block)]
     for r, k in enumerate(blocks):
         if k == 0:
             continue
@@ -262,6 +295,7 @@ def bench_one(shape_name: str, precision: str, warmup: int, timed: int, rounds: 
             else:
                 fl.run(k)
     load_end = load1()
+    other_cores = others.cores()
 
     tokens = shape["batch"] * shape["seq"]
     hf_t, fl_t = hf.times[warmup:], fl.times[warmup:]
@@ -272,13 +306,21 @@ def bench_one(shape_name: str, precision: str, warmup: int, timed: int, rounds: 
         "hf_tokens_per_s": hf_tps, "forgeline_tokens_per_s": fl_tps, "ratio": fl_tps / hf_tps,
         "hf_mfu": fpt * hf_tps / peak, "forgeline_mfu": fpt * fl_tps / peak,
         "hf_step_times": hf_t, "forgeline_step_times": fl_t,
-        "hf_mean_tokens_per_s": tokens / statistics.mean(hf_t), "forgeline_mean_tokens_per_s": tokens / statistics.mean(fl_t),
+        # HF and forgeline steps of the same index ran next to each other: the median of their ratios is the figure
+        # least moved by slow drift of the machine's speed
+        "paired_ratio": statistics.median(h / f for h, f in zip(hf_t, fl_t)),
+        "hf_mean_tokens_per_s": tokens / statistics.mean(hf_t),
+        "forgeline_mean_tokens_per_s": tokens / statistics.mean(fl_t),
         "hf_losses": hf.losses, "forgeline_losses": fl.losses,
-        "load_start": load_start, "load_end": load_end, "load": max(load_start, load_end),
+        "load_start": load_start, "load_end": load_end, "other_processes_cpu_cores": other_cores,
     }
     print(f"[{shape_name} {precision}] HF {hf_tps:,.0f} tok/s (MFU {100 * res['hf_mfu']:.1f}%) | forgeline "
-          f"{fl_tps:,.0f} tok/s (MFU {100 * res['forgeline_mfu']:.1f}%) | ratio {res['ratio']:.2f}x | "
-          f"load {load_start:.2f} -> {load_end:.2f}", flush=True)
+          f"{fl_tps:,.0f} tok/s (MFU {100 * res['forgeline_mfu']:.1f}%) | ratio {res['ratio']:.2f}x "
+          f"(paired {res['paired_ratio']:.2f}x) | "
+          f"load {load_start:.2f} -> {load_end:.2f}, other processes {other_cores:.2f} cores", flush=True)
+    if other_cores > 0.25:
+        print(f"    WARNING: other processes used {other_cores:.2f} CPU cores during this row: noisy figures",
+              file=sys.stderr, flush=True)
     print(f"    step losses, first / last: HF {hf.losses[0]:.4f} / {hf.losses[-1]:.4f}   forgeline "
           f"{fl.losses[0]:.4f} / {fl.losses[-1]:.4f}", flush=True)
     del hf, fl, hf_model, fl_model
@@ -289,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="ref-tiny,ref-small", help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
-    ap.add_argument("--steps", type=int, default=10,
+    ap.add_argument("--steps", type=int, default=20,
                     help="timed steps per framework for ref-tiny; larger shapes get fewer (see --small-steps)")
-    ap.add_argument("--small-steps", type=int, default=None, help="timed steps for ref-small (default: steps // 2, >= 4)")
+    ap.add_argument("--small-steps", type=int, default=None,
+                    help="timed steps for ref-small (default: 8 when --steps is 20, scaled with it, at least 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3 for ref-tiny, 2 for ref-small)")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved blocks per framework")
+    ap.add_argument("--block", type=int, default=None,
+                    help="timed steps per framework per interleaved block (default 1: HF, FL, FL, HF, ...)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -323,23 +367,30 @@ def main(argv: list[str] | None = None) -> int:
           + f" (load {load1():.2f})", flush=True)
 
     results = []
-    with tempfile.TemporaryDirectory(prefix="forgeline-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
+    shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # the trainer's end-of-fit checkpoints go to RAM
+    with tempfile.TemporaryDirectory(prefix="forgeline-bench-", dir=shm) as tmp:
         for shape in shapes:
             small = shape != "ref-tiny"
-            timed = (args.small_steps or max(4, args.steps // 2)) if small else args.steps
+            timed = (args.small_steps or max(2, round(args.steps * 0.4))) if small else args.steps
             warmup = args.warmup if args.warmup is not None else (2 if small else 3)
             for precision in precisions:
-                results.append(bench_one(shape, precision, warmup, timed, args.rounds, peaks, Path(tmp)))
+                block = args.block or 1
+                results.append(bench_one(shape, precision, warmup, timed, block, peaks, Path(tmp)))
 
     print()
-    print("| shape | precision | HF tok/s | forgeline tok/s | ratio | HF MFU | forgeline MFU | load |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| shape | precision | HF tok/s | forgeline tok/s | ratio | HF MFU | forgeline MFU | load | others "
+          "| paired ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['shape']} | {r['precision']} | {r['hf_tokens_per_s']:,.0f} | {r['forgeline_tokens_per_s']:,.0f} | "
               f"{r['ratio']:.2f}x | {100 * r['hf_mfu']:.1f}% | {100 * r['forgeline_mfu']:.1f}% | "
-              f"{r['load_start']:.2f}-{r['load_end']:.2f} |")
-    print(f"\npeaks: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
-          + f"; tokens/s from the median step time over {', '.join(str(r['timed_steps']) for r in results)} timed steps")
+              f"{r['load_start']:.2f}-{r['load_end']:.2f} | {r['other_processes_cpu_cores']:.2f} | "
+              f"{r['paired_ratio']:.2f}x |")
+    print("\npeaks: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+          + f"; tokens/s from the median step time over {', '.join(str(r['timed_steps']) for r in results)} timed "
+          f"steps; load: 1-minute load average before -> after each row (it counts this benchmark's own "
+          f"{args.threads} threads); others: CPU cores used by other processes during the row; paired ratio: "
+          f"median over i of HF step i time / forgeline step i time (run next to each other)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "peaks": peaks,

@@ -39,8 +39,9 @@ def ref_attention(q, k, v, mask):
 def grads(fn, *inputs, grad_out=None):
     inputs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
     out = fn(*inputs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype) if grad_out is None else grad_out
-    out.backward(g)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    out.backward(grad_out)
     return out.detach(), [x.grad for x in inputs if x.requires_grad]
 
 
