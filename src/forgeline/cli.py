@@ -173,7 +173,8 @@ def _add_interop_commands(sub) -> None:
         p.set_defaults(func=cmd_import)
     exp = sub.add_parser("export", help="export a model to another format").add_subparsers(dest="format",
                                                                                             required=True)
-    p = exp.add_parser("hf", help="write a transformers-loadable directory from a run, checkpoint or model dir")
+    p = exp.add_parser("hf", help="write a transformers-loadable directory from a run, a checkpoint of any layout "
+                                  "(sharded DCP included) or a model dir")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("out", metavar="OUT_DIR")
     p.add_argument("--dtype", default=None, help="stored dtype (default: the model's)")

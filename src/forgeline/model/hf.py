@@ -585,9 +585,20 @@ def _read_checkpoint_dir(directory: Path, dtype, device) -> LoadedModel:
     if model_section.get("vocab_size") is None:
         raise CheckpointError(f"{directory / 'config.yaml'}: model.vocab_size is not set")
     cfg = _model_config(model_section, directory / "config.yaml")
-    model = allocate_model(cfg, dtype=dtype, device=device)
-    load_state_into(model, _read_safetensors(directory / "model.safetensors", dtype, cfg.tie_embeddings),
-                    str(directory / "model.safetensors"))
+    if (directory / "model.safetensors").is_file():
+        model = allocate_model(cfg, dtype=dtype, device=device)
+        load_state_into(model, _read_safetensors(directory / "model.safetensors", dtype, cfg.tie_embeddings),
+                        str(directory / "model.safetensors"))
+    else:  # a sharded (DCP) or DeepSpeed checkpoint: gathered whole in this process
+        from ..parallel.checkpoint import has_model_weights, load_consolidated_model
+
+        if not has_model_weights(directory):
+            raise CheckpointError(f"{directory} is an incomplete checkpoint: no model.safetensors, sharded dcp/ or "
+                                  "deepspeed/ weights")
+        model = load_consolidated_model(directory)
+        if dtype is not None:
+            model = model.to(dtype)
+        model = fix_rope(model.to(device))
     model.eval()
     return LoadedModel(model=model, tokenizer=_find_run_tokenizer(directory, run_cfg), source=str(directory),
                        add_bos=True)
@@ -617,7 +628,7 @@ def load_model(
         return _read_forgeline_dir(path, dtype, device)
     if (path / HF_CONFIG).is_file():
         return load_hf(path, dtype=dtype, device=device)
-    if (path / "model.safetensors").is_file() and (path / "config.yaml").is_file():
+    if (path / "config.yaml").is_file() and _looks_like_checkpoint(path):
         return _read_checkpoint_dir(path, dtype, device)
     if (path / "model" / CONFIG_NAME).is_file():
         return _read_forgeline_dir(path / "model", dtype, device)
@@ -628,9 +639,17 @@ def load_model(
         return _read_checkpoint_dir(ckpt, dtype, device)
     raise CheckpointError(
         f"{path} is not a checkpoint: expected a forgeline model dir ({CONFIG_NAME}), a Hugging Face dir "
-        f"({HF_CONFIG} + safetensors), a training checkpoint (model.safetensors + config.yaml), a run dir or a "
-        ".gguf file"
+        f"({HF_CONFIG} + safetensors), a training checkpoint (config.yaml + model.safetensors, or a sharded dcp/ "
+        "or deepspeed/ checkpoint), a run dir or a .gguf file"
     )
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """A training checkpoint of any layout (its weights possibly missing or broken, which loading reports); a run
+    dir also has a config.yaml, but neither weights nor trainer_state.json."""
+    from ..parallel.checkpoint import has_model_weights
+
+    return has_model_weights(path) or (path / "trainer_state.json").is_file()
 
 
 def _is_gguf(path: Path) -> bool:

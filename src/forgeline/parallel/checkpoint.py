@@ -280,25 +280,95 @@ def model_cfg_of(model):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line; torch's CheckpointException (a BaseException that prints every rank's
+    traceback) is reduced to the first underlying error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, CheckpointException) and exc.failures:
+        inner = next(iter(exc.failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def has_model_weights(checkpoint: Path) -> bool:
+    """Whether a directory holds a checkpoint's weights in any layout: full (model.safetensors), sharded (dcp/) or
+    DeepSpeed (deepspeed/) -- the last two possibly incomplete, which load_consolidated_model reports."""
+    checkpoint = Path(checkpoint)
+    return ((checkpoint / "model.safetensors").is_file() or (checkpoint / "dcp").is_dir()
+            or (checkpoint / "deepspeed").is_dir())
+
+
+def read_checkpoint_model_config(checkpoint: Path):
+    """The ModelConfig in a checkpoint's config.yaml; a missing, malformed or invalid file is one CheckpointError."""
+    import yaml
+
+    from ..model import ModelConfig
+
+    file = Path(checkpoint) / "config.yaml"
+    if not file.is_file():
+        raise CheckpointError(f"{checkpoint} is not a forgeline checkpoint: config.yaml is missing")
+    try:
+        cfg = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(f"{file}: cannot read it ({_one_line(exc)})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model", {}), dict):
+        raise CheckpointError(f"{file} has no 'model:' section")
+    try:
+        return ModelConfig.model_validate(cfg.get("model", {}))
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: invalid model config ({_one_line(exc)})") from None
+
+
+def _load_dcp_model(checkpoint: Path, model, model_cfg) -> None:
+    """The model part of a sharded checkpoint, read whole into a plain model in this process."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    dcp_dir = checkpoint / "dcp"
+    if not (dcp_dir / ".metadata").is_file():
+        raise CheckpointError(f"{checkpoint} is an incomplete sharded checkpoint: dcp/.metadata is missing")
+    sd = {k: v for k, v in model.state_dict().items()}
+    if model_cfg.tie_embeddings:
+        sd.pop("output.weight", None)
+    try:
+        _check_keys(checkpoint, sd, "model")
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load({"model": sd}, checkpoint_id=str(dcp_dir), no_dist=True)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(f"{checkpoint}: cannot read the sharded checkpoint in dcp/ "
+                              f"({_one_line(exc)})") from None
+    model.load_state_dict(sd, strict=not model_cfg.tie_embeddings)
+
+
 def load_consolidated_model(checkpoint: Path):
     """The whole fp32 model of a checkpoint of any layout (full safetensors, sharded DCP or DeepSpeed ZeRO-3), in one
     process without a process group."""
-    import yaml
-
-    from ..model import ModelConfig, build_model
+    from ..model import build_model
     from ..train.checkpoint import load_model_state
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.yaml").is_file():
-        raise CheckpointError(f"{checkpoint} is not a forgeline checkpoint: config.yaml is missing")
-    cfg = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
-    model_cfg = ModelConfig.model_validate(cfg.get("model", {}))
+    model_cfg = read_checkpoint_model_config(checkpoint)
+    if not has_model_weights(checkpoint):
+        hint = " (a run dir? give one of its checkpoints/step_N)" if (checkpoint / "checkpoints").is_dir() else ""
+        raise CheckpointError(f"{checkpoint} holds no model weights: expected model.safetensors, a sharded dcp/ "
+                              f"or a deepspeed/ directory{hint}")
     model = build_model(model_cfg, device="meta").to_empty(device="cpu")
     model.init_weights()  # the non-persistent rotary buffer; every weight is overwritten below
     if (checkpoint / "deepspeed").is_dir():
-        from .deepspeed import consolidate_deepspeed_state
+        try:
+            from .deepspeed import consolidate_deepspeed_state
 
-        state = consolidate_deepspeed_state(checkpoint)
+            state = consolidate_deepspeed_state(checkpoint)
+        except ImportError as exc:
+            raise CheckpointError(f"{checkpoint} is a DeepSpeed checkpoint; reading it needs the deepspeed package "
+                                  f"({_one_line(exc)})") from None
         if model_cfg.tie_embeddings:
             state.pop("output.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -306,17 +376,16 @@ def load_consolidated_model(checkpoint: Path):
         if missing or unexpected:
             raise CheckpointError(f"{checkpoint} does not fit its config: missing {missing[:5]}, unexpected "
                                   f"{unexpected[:5]}")
-    elif is_sharded_checkpoint(checkpoint):
-        import torch.distributed.checkpoint as dcp
-
-        sd = {k: v for k, v in model.state_dict().items()}
-        if model_cfg.tie_embeddings:
-            sd.pop("output.weight", None)
-        _check_keys(checkpoint, sd, "model")
-        dcp.load({"model": sd}, checkpoint_id=str(checkpoint / "dcp"), no_dist=True)
-        model.load_state_dict(sd, strict=not model_cfg.tie_embeddings)
+    elif is_sharded_checkpoint(checkpoint) or not (checkpoint / "model.safetensors").is_file():
+        _load_dcp_model(checkpoint, model, model_cfg)  # a dcp/ without .metadata is reported there
     else:
-        load_model_state(model, checkpoint / "model.safetensors")
+        try:
+            load_model_state(model, checkpoint / "model.safetensors")
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{checkpoint / 'model.safetensors'}: not a readable safetensors file "
+                                  f"({_one_line(exc)})") from None
     if model_cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model
