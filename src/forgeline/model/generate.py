@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ForgelineError
+from .decode import NativeDecoder
 from .transformer import Transformer
 
 __all__ = ["Completion", "GenerationConfig", "encode_prompt", "generate", "iter_generate", "sample"]
@@ -290,17 +291,21 @@ def _loop(model, ids, cfg, max_new, stop_ids, tokenizer, stream_text) -> Iterato
     texts = [_RowText(tokenizer, cfg.stop_strings) if need_text else None for _ in range(B)]
 
     cache = model.new_kv_cache(B, total)
+    # Decoding steps on a CPU go through the native kernels when the model allows it (see model/decode.py);
+    # the prompt's prefill always takes torch's batched path.
+    decoder = NativeDecoder.for_model(model) if device.type == "cpu" else None
     hidden = model(prompt, position_ids=positions, attention_mask=None if attn is None else attn[:, :P],
                    kv_cache=cache, return_hidden=True)[:, -1]
+    logits = model.output(hidden)
     for step in range(max_new):
-        logits = model.output(hidden).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logits = logits.float()
         scores = process_logits(logits, cfg, seen)
         if cfg.greedy:
             chosen = scores.argmax(-1)
         else:
             chosen = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
-        chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0]
+        # log-softmax at the chosen token only: logit - logsumexp
+        chosen_lp = logits.gather(1, chosen[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
         if seen is not None:
             seen[torch.arange(len(rows), device=device), chosen] = True
         chosen_list, lp_list = chosen.tolist(), chosen_lp.tolist()
@@ -344,12 +349,16 @@ def _loop(model, ids, cfg, max_new, stop_ids, tokenizer, stream_text) -> Iterato
             if attn is not None:
                 attn = attn.index_select(0, index)
                 next_pos = next_pos.index_select(0, index)
-        if attn is not None:
-            hidden = model(next_tokens, position_ids=next_pos[:, None], attention_mask=attn[:, : cache.length + 1],
-                           kv_cache=cache, return_hidden=True)[:, -1]
-            next_pos = next_pos + 1
+        key_mask = None if attn is None else attn[:, : cache.length + 1]
+        if decoder is not None and decoder.supports_batch(len(rows), cache):
+            logits = decoder.step(next_tokens[:, 0], cache, positions=None if attn is None else next_pos,
+                                  key_mask=key_mask)
         else:
-            hidden = model(next_tokens, kv_cache=cache, return_hidden=True)[:, -1]
+            hidden = model(next_tokens, position_ids=None if attn is None else next_pos[:, None],
+                           attention_mask=key_mask, kv_cache=cache, return_hidden=True)[:, -1]
+            logits = model.output(hidden)
+        if attn is not None:
+            next_pos = next_pos + 1
 
 
 def generate(
