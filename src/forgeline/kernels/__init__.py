@@ -62,13 +62,16 @@ def _cpu_flags() -> str:
 
 
 def _one_openmp_runtime() -> bool:
-    """False when the process maps two different libgomp files: two OpenMP pools on few cores spin against each
-    other (shared/notes/machine.md), far slower than torch's own kernels."""
+    """False when the process maps two different OpenMP runtimes (say torch's libiomp5 or its own libgomp copy and
+    the system's libgomp): two pools on few cores spin against each other (shared/notes/machine.md), far slower
+    than torch's own kernels."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return True
-    return len({line.split()[-1] for line in maps.splitlines() if "libgomp" in line and "/" in line}) <= 1
+    runtimes = {line.split()[-1] for line in maps.splitlines()
+                if "/" in line and any(name in line for name in ("libgomp", "libiomp", "libomp"))}
+    return len(runtimes) <= 1
 
 
 def _build(compiler: str, flags: list[str]) -> Path | None:
