@@ -189,3 +189,25 @@ def test_kernels_can_be_switched_off():
     env = dict(os.environ, FORGELINE_NATIVE_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "4"]
+
+
+def test_generate_uses_the_kernels_and_falls_back_beyond_their_batch_limit(monkeypatch):
+    model = tiny(torch.float32)
+    calls = []
+    original = NativeDecoder.step
+
+    def counting_step(self, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NativeDecoder, "step", counting_step)
+    generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, stop_token_ids=[])
+    assert calls == [2] * 5  # every step after the prefill's token went through the kernels
+
+    calls.clear()
+    prompts = [[i + 1, i + 2] for i in range(kernels.MAX_ROWS + 1)]
+    big = generate(model, prompts, max_new_tokens=4, stop_token_ids=[])
+    assert calls == []  # 17 rows: torch's operators
+    monkeypatch.setattr(generate_module.NativeDecoder, "for_model", classmethod(lambda cls, m: None))
+    assert [c.tokens for c in big] == [c.tokens for c in generate(model, prompts, max_new_tokens=4,
+                                                                  stop_token_ids=[])]
