@@ -62,6 +62,51 @@ def _fsync_files(root: Path) -> None:
         _fsync_dir(d)
 
 
+def begin_multirank_save(checkpoint_root: Path, step: int, dist) -> tuple[Path, Path]:
+    """(final, tmp) paths of checkpoint `step`; rank 0 makes a fresh tmp directory (with rng/) that every rank
+    writes its part into. Call collectively."""
+    checkpoint_root = Path(checkpoint_root)
+    final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
+    if dist.is_main:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+    return final, tmp
+
+
+def write_rank_and_run_state(tmp: Path, step: int, fmt: str, layout: str, trainer_state: dict, config_yaml: str,
+                             dist) -> None:
+    """Every rank's RNG state; on rank 0 also the trainer state, the resolved config and meta.json."""
+    tensors, meta = rng_state()
+    save_file(tensors, str(tmp / "rng" / f"rank_{dist.rank:05d}.safetensors"))
+    (tmp / "rng" / f"rank_{dist.rank:05d}.json").write_text(json.dumps(meta))
+    if dist.is_main:
+        state = dict(trainer_state, step=step, format=fmt, layout=layout)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "config.yaml").write_text(config_yaml)
+        meta = {"forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(),
+                "step": step, "format": fmt, "layout": layout, "world_size": dist.world_size}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def finish_multirank_save(tmp: Path, final: Path, checkpoint_root: Path, keep_last: int, dist) -> Path:
+    """Once every rank has written: fsync, rename into place, prune old checkpoints. Call collectively."""
+    barrier()  # every rank's part is written
+    if dist.is_main:
+        _fsync_files(tmp)
+        if final.exists():  # a re-save of the same step after a rollback
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(Path(checkpoint_root))
+        for old in list_checkpoints(Path(checkpoint_root))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()  # nobody reads it before it is in place
+    return final
+
+
 class ShardedCheckpointer:
     """Checkpoints for FSDP2 / TP / PP layouts (see the module docstring)."""
 
@@ -73,15 +118,7 @@ class ShardedCheckpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        checkpoint_root = Path(checkpoint_root)
-        final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step:08d}"
-        tmp = checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
-        if dist.is_main:
-            checkpoint_root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / "rng").mkdir(parents=True)
-        barrier()
+        final, tmp = begin_multirank_save(checkpoint_root, step, dist)
         try:
             # get_state_dict creates the state of an optimizer that has not stepped yet with a zero-lr step, which
             # counts as Adam's first step: save it as "not stepped" and give the optimizer its empty state back.
@@ -92,32 +129,12 @@ class ShardedCheckpointer:
                             for k, v in optim_sd.items()}
                 optimizer.state.clear()
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-            tensors, meta = rng_state()
-            save_file(tensors, str(tmp / "rng" / f"rank_{dist.rank:05d}.safetensors"))
-            (tmp / "rng" / f"rank_{dist.rank:05d}.json").write_text(json.dumps(meta))
-            if dist.is_main:
-                state = dict(trainer_state, step=step, format="dcp", layout=self.layout_description)
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-                (tmp / "config.yaml").write_text(config_yaml)
-                meta = {"forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(),
-                        "step": step, "format": "dcp", "layout": self.layout_description,
-                        "world_size": dist.world_size}
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            write_rank_and_run_state(tmp, step, "dcp", self.layout_description, trainer_state, config_yaml, dist)
         except BaseException:
             if dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        barrier()  # every rank's shards are written
-        if dist.is_main:
-            _fsync_files(tmp)
-            if final.exists():  # a re-save of the same step after a rollback
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(checkpoint_root)
-            for old in list_checkpoints(checkpoint_root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()  # nobody reads it before it is in place
-        return final
+        return finish_multirank_save(tmp, final, checkpoint_root, keep_last, dist)
 
     def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
         refuse_deepspeed_checkpoint(path)

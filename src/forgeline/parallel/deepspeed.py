@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
 from ..errors import CheckpointError, ConfigError
-from ..train.checkpoint import CHECKPOINT_PREFIX, _fsync_dir, git_commit, list_checkpoints
-from ..train.distributed import barrier
 from ..train.trainer import StepExecutor, to_device
+from .checkpoint import begin_multirank_save, finish_multirank_save, write_rank_and_run_state
 
 TAG = "deepspeed"
 
@@ -104,43 +101,16 @@ class DeepSpeedCheckpointer:
 
     def save(self, checkpoint_root: Path, step: int, *, model, optimizer, trainer_state, config_yaml, keep_last,
              dist) -> Path:
-        from ..train.checkpoint import rng_state
-        from safetensors.torch import save_file
-
-        checkpoint_root = Path(checkpoint_root)
-        final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step:08d}"
-        tmp = checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
-        if dist.is_main:
-            checkpoint_root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            (tmp / "rng").mkdir(parents=True)
-        barrier()
-        self.engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
-        tensors, meta = rng_state()
-        save_file(tensors, str(tmp / "rng" / f"rank_{dist.rank:05d}.safetensors"))
-        (tmp / "rng" / f"rank_{dist.rank:05d}.json").write_text(json.dumps(meta))
-        if dist.is_main:
-            state = dict(trainer_state, step=step, format="deepspeed", layout=self.layout_description)
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-            (tmp / "config.yaml").write_text(config_yaml)
-            (tmp / "meta.json").write_text(json.dumps({
-                "forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(), "step": step,
-                "format": "deepspeed", "layout": self.layout_description, "world_size": dist.world_size}, indent=1))
-        barrier()
-        if dist.is_main:
-            for file in tmp.rglob("*"):
-                if file.is_file():
-                    with open(file, "rb") as fh:
-                        os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(checkpoint_root)
-            for old in list_checkpoints(checkpoint_root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        return final
+        final, tmp = begin_multirank_save(checkpoint_root, step, dist)
+        try:
+            self.engine.save_checkpoint(str(tmp), tag=TAG, save_latest=False)
+            write_rank_and_run_state(tmp, step, "deepspeed", self.layout_description, trainer_state, config_yaml,
+                                     dist)
+        except BaseException:
+            if dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return finish_multirank_save(tmp, final, checkpoint_root, keep_last, dist)
 
     def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
         from safetensors.torch import load_file
