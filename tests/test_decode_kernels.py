@@ -154,6 +154,10 @@ def test_decoder_declines_what_it_cannot_run():
     assert NativeDecoder.for_model(mixed) is None
     half = tiny(torch.float16)
     assert NativeDecoder.for_model(half) is None
+    strided = tiny(torch.float32)
+    w = strided.layers["1"].feed_forward.w2
+    w.weight = torch.nn.Parameter(w.weight.detach().t().contiguous().t())  # same values, column-major
+    assert NativeDecoder.for_model(strided) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert NativeDecoder.for_model(tiny(torch.float32)) is None
 
@@ -179,6 +183,15 @@ def test_generate_with_and_without_kernels_agree(dtype, monkeypatch):
     monkeypatch.undo()
     early = generate(model, prompts, max_new_tokens=12, stop_token_ids=[stop])
     assert early[1].tokens[-1] == stop and early[1].finish_reason == "stop"
+
+
+def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    code = "from forgeline import kernels; print(kernels.available())"
+    env = dict(os.environ, FORGELINE_CACHE_DIR=str(not_a_dir))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True"]
 
 
 def test_kernels_can_be_switched_off():
