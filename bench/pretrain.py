@@ -8,14 +8,17 @@ compared step by step) on the same token batches:
   `zero_grad`. bf16: `torch.autocast("cpu", torch.bfloat16)` around forward + loss, fp32 weights.
 * forgeline: `Trainer(...).fit()` with `causal_lm_loss` (fused AdamW, chunked linear + cross-entropy, its own bf16
   autocast), logging to metrics.jsonl only; the step times are the ones the trainer itself measures and records in
-  `history` (each block of steps is one more `fit()` call on the same trainer). One difference in what is computed:
-  under bf16 autocast on a CPU without AMX, forgeline runs the attention (SDPA) in fp32, HF in bf16; every matmul
-  of a linear layer, the output projection included, is bf16 on both sides.
+  `history` (each block of steps is one more `fit()` call on the same trainer). Differences in how bf16 is
+  computed: under bf16 autocast on a CPU without AMX, forgeline runs the attention (SDPA) in fp32, HF in bf16; and
+  where this CPU's fp32 units outrun its bf16 dot products (measured at start-up, `train.bf16_matmul=auto`, see
+  src/forgeline/train/bf16_matmul.py) forgeline computes the bf16 matrix products as fp32 GEMMs on the bf16 values:
+  the same products and fp32 sums, rounded to bf16 at the same points, on the faster units.
 
 Warm-up steps are excluded; the timed steps of the two frameworks are interleaved step by step in ABBA order
 (HF, forgeline | forgeline, HF | ...) so that drift in machine load hits both. Tokens/s = batch * seq_len / median
 step time. MFU = training_flops_per_token * tokens/s / (square-matmul peak of the same precision measured in this
-run). Each row also reports the 1-minute load average and the CPU used by other processes while it ran.
+run; for bf16 the larger of the bf16 and fp32 peaks, since bf16 values can be multiplied on either unit). Each row
+also reports the 1-minute load average and the CPU used by other processes while it ran.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/pretrain.py [--shapes ref-tiny,ref-small] [--precisions fp32,bf16]
         [--steps 20] [--small-steps 8] [--threads 2] [--json OUT]
@@ -358,13 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     if load0 > 0.5:
         print(f"WARNING: the 1-minute load average is {load0:.2f} (> 0.5): another process is using the CPU and "
               f"the figures below will be noisy and low", file=sys.stderr, flush=True)
-    peaks = {}
-    if "fp32" in precisions:
-        peaks["fp32"] = matmul_peak(torch.float32)
+    measured = {"fp32": matmul_peak(torch.float32)}
     if "bf16" in precisions:
-        peaks["bf16"] = matmul_peak(torch.bfloat16)
-    print("matmul peak 2048^3: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items())
+        measured["bf16"] = matmul_peak(torch.bfloat16)
+    print("matmul peak 2048^3: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in measured.items())
           + f" (load {load1():.2f})", flush=True)
+    # the MFU denominator of bf16 rows: the faster of the two ways to multiply bf16 values on this machine
+    peaks = {"fp32": measured["fp32"]}
+    if "bf16" in measured:
+        peaks["bf16"] = max(measured["bf16"], measured["fp32"])
 
     results = []
     shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # the trainer's end-of-fit checkpoints go to RAM

@@ -61,6 +61,9 @@ class TrainConfig(Strict):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float | None = Field(1.0, gt=0, description="None disables clipping; the norm is logged anyway")
     precision: Literal["fp32", "bf16"] = "bf16"
+    bf16_matmul: Literal["auto", "native", "fp32"] = Field(
+        "auto", description="CPU bf16: native bf16 GEMMs, or fp32 GEMMs on the bf16 values (the same products and "
+        "fp32 sums; faster on CPUs whose bf16 dot products are slow); auto measures which is faster")
     activation_checkpointing: bool = False
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train.bf16_matmul import bf16_matmul_mode
 from ..train.distributed import unwrap
 
 IGNORE_INDEX = -100
@@ -47,17 +48,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_rows):
+    def forward(ctx, hidden, weight, targets, compute_dtype, chunk_rows, fp32_units=False):
         # hidden (N, d) holding only rows with a target, weight (V, d), targets (N,)
+        # fp32_units: bf16 products computed by fp32 GEMMs on the bf16 values (train/bf16_matmul.py), results rounded
+        # to bf16 where the bf16 GEMMs round them.
         n, vocab = hidden.shape[0], weight.shape[0]
         device = hidden.device
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         low_precision = compute_dtype != torch.float32
+        fp32_units = fp32_units and low_precision
+        if fp32_units:
+            h, w = h.float(), w.float()
         chunk = chunk_rows
         group = chunk
         if low_precision:
-            group_rows = LOW_PRECISION_GROUP_BYTES // (vocab * h.element_size())
+            group_rows = LOW_PRECISION_GROUP_BYTES // (vocab * (4 if fp32_units else h.element_size()))
             group = min(n, max(chunk, group_rows // chunk * chunk))
         # Buffers reused by every chunk (fresh multi-megabyte CPU tensors cost page faults each time): `grad_buf`
         # holds a group's logits, then their gradient, in the compute dtype; fp32 scratch for the softmax.
@@ -66,7 +72,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         logp_buf = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
         minus_one = torch.full((chunk, 1), -1.0, dtype=torch.float32, device=device)
         loss = torch.zeros((), dtype=torch.float32, device=device)
-        grad_h = torch.empty_like(h)
+        grad_h = torch.empty_like(h, dtype=compute_dtype)
         grad_w = None
         for g_start in range(0, n, group):
             g_end = min(g_start + group, n)
@@ -75,8 +81,11 @@ class LinearCrossEntropy(torch.autograd.Function):
                 c = end - start
                 rows = grad_buf[start - g_start:end - g_start]
                 t_c = targets[start:end, None]
-                logits = torch.mm(h[start:end], w.t(), out=rows)
-                if low_precision:
+                if fp32_units:  # fp32 logits rounded to bf16 (as the bf16 GEMM writes them), then back to fp32
+                    logits = logits32[:c].copy_(rows.copy_(torch.mm(h[start:end], w.t(), out=logits32[:c])))
+                else:
+                    logits = torch.mm(h[start:end], w.t(), out=rows)
+                if low_precision and not fp32_units:
                     logits = logits32[:c].copy_(logits)
                 logp = torch.log_softmax(logits, dim=1, out=logp_buf[:c])
                 loss -= logp.gather(1, t_c).sum()
@@ -85,6 +94,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.exp(logp, out=rows).scatter_add_(1, t_c, minus_one[:c])
             g = grad_buf[:g_end - g_start]
+            if fp32_units:
+                g32 = g.float()
+                grad_h[g_start:g_end].copy_(torch.mm(g32, w))
+                part = torch.mm(g32.t(), h[g_start:g_end]).to(compute_dtype)
+                del g32
+                if grad_w is None:
+                    grad_w = part.float()
+                else:
+                    grad_w.add_(part)
+                continue
             torch.mm(g, w, out=grad_h[g_start:g_end])
             if grad_w is None:
                 grad_w = torch.mm(g.t(), h[g_start:g_end]).float()
@@ -105,7 +124,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             gh = (grad_h * grad_output.to(grad_h.dtype)).to(h_dtype)
         if ctx.needs_input_grad[1]:
             gw = (grad_w * grad_output).to(w_dtype)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def _is_plain(t: torch.Tensor) -> bool:
@@ -135,8 +154,9 @@ def fused_linear_cross_entropy(
     if t.min() < 0 or t.max() >= weight.shape[0]:
         raise IndexError(f"targets must lie in [0, {weight.shape[0]}) or be {IGNORE_INDEX}")
     chunk_rows = _chunk_rows(h.shape[0], weight.shape[0], chunk_bytes)
+    fp32_units = compute_dtype == torch.bfloat16 and bf16_matmul_mode(hidden.device) == "fp32"
     with torch.autocast(hidden.device.type, enabled=False):
-        return LinearCrossEntropy.apply(h, weight, t, compute_dtype, chunk_rows)
+        return LinearCrossEntropy.apply(h, weight, t, compute_dtype, chunk_rows, fp32_units)
 
 
 def _plain_cross_entropy_sum(hidden, weight, targets) -> torch.Tensor:

@@ -40,7 +40,9 @@ def device_peak_flops(device: torch.device, precision: str) -> float:
             if key in name:
                 return peak if precision == "bf16" else peak / 2  # TF32 tensor cores: half the bf16 rate
         return 100e12
-    return measure_matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+    if precision == "bf16":  # bf16 products may run on the fp32 units where those are faster (bf16_matmul.py)
+        return max(measure_matmul_peak(torch.bfloat16), measure_matmul_peak(torch.float32))
+    return measure_matmul_peak(torch.float32)
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -23,6 +23,7 @@ from ..parallel.layout import resolve_layout
 from .checkpoint import latest_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, unwrap
 from ..model.pretrained import save_pretrained
+from . import bf16_matmul
 from .trainer import StepExecutor, Trainer, TrainResult
 
 
@@ -186,6 +187,13 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
                           "or choose another run_dir")
     if resume:
         check_resume_compatible(run_dir, model_cfg)
+
+    # auto keeps bf16 GEMMs under torch.compile and activation checkpointing, which do not see the function mode that
+    # moves them to the fp32 units (the recomputed forward would take the other path)
+    bf16_mode = cfg.train.bf16_matmul
+    if bf16_mode == "auto" and (cfg.train.compile or cfg.train.activation_checkpointing):
+        bf16_mode = "native"
+    bf16_matmul.configure(bf16_mode)
 
     seed_everything(cfg.seed)
     # Every rank builds the whole model from the same seed (so any layout starts from the single-process weights),

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import CheckpointConfig, MonitorConfig, StabilityConfig, TrainConfig
+from .bf16_matmul import bf16_autocast
 from .checkpoint import FullCheckpointer, latest_checkpoint
 from .distributed import DistInfo, all_reduce_sum, unwrap
 from .monitor import RunLogger, device_peak_flops, memory_stats
@@ -57,9 +58,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast for the forward pass; parameters, gradients and optimizer state stay fp32 (master weights)."""
+    """bf16 autocast for the forward pass; parameters, gradients and optimizer state stay fp32 (master weights).
+    On CPUs whose fp32 units outrun their bf16 ones, the bf16 products run there (train/bf16_matmul.py)."""
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return bf16_autocast(device)
     return contextlib.nullcontext()
 
 
