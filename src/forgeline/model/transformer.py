@@ -393,6 +393,14 @@ class Transformer(nn.Module):
             return h
         return self.output(h)
 
+    def lm_head_weight(self) -> torch.Tensor:
+        """The (vocab, dim) matrix that turns final hidden states into logits. Objectives take it from here for their
+        chunked losses and log-probs (calling the head would materialise every logit); an adapter on the head
+        changes what this returns, not the objectives."""
+        if self.output is None:
+            raise RuntimeError("this pipeline stage holds no LM head")
+        return self.output.weight
+
     def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         weight = next(self.parameters())
         return KVCache(

@@ -194,5 +194,5 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
     hidden = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)
-    loss = cross_entropy_sum(hidden, unwrap(model).output.weight, batch["targets"])
+    loss = cross_entropy_sum(hidden, unwrap(model).lm_head_weight(), batch["targets"])
     return loss, {}
