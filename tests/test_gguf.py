@@ -147,7 +147,7 @@ def test_bad_gguf_files(tmp_path, capsys):
         load_gguf(tmp_path / "trunc.gguf")
     # Not GGUF at all; an unsupported architecture.
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(CheckpointError, match="not a readable GGUF"):
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
         load_gguf(tmp_path / "junk.gguf")
     w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))

@@ -48,7 +48,7 @@ def run_cli(*args, **kw):
 
 def test_pretrain_writes_every_artifact(tmp_path, story_dataset, capsys):
     cfg = write_config(tmp_path / "run.yaml", story_dataset, tmp_path / "run")
-    assert main(["pretrain", str(cfg), "train.max_steps=8"]) == 0
+    assert main(["pretrain", str(cfg), "train.max_steps=8", "--print-config"]) == 0
     run = tmp_path / "run"
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 8
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -293,7 +293,7 @@ def _train(files, out, **kw):
 
 
 def test_missing_and_empty_files(tmp_path):
-    with pytest.raises(DataError, match="does not exist") as e:
+    with pytest.raises(DataError, match="no such file") as e:
         _train([tmp_path / "nope.txt"], tmp_path / "out")
     assert "nope.txt" in str(e.value)
     empty = tmp_path / "empty.txt"
@@ -303,7 +303,7 @@ def test_missing_and_empty_files(tmp_path):
     assert str(empty) in str(e.value)
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n  \n\n", encoding="utf-8")
-    with pytest.raises(DataError, match="contains no text") as e:
+    with pytest.raises(DataError, match="holds no documents") as e:
         _train([blank], tmp_path / "out")
     assert str(blank) in str(e.value)
     with pytest.raises(ConfigError, match="at least one"):
@@ -324,7 +324,7 @@ def test_non_utf8_names_file_and_line(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"text": "ok"', "not valid JSON"),
+        ('{"text": "ok"', "malformed JSON"),
         ('["a", "list"]', "expected a JSON object"),
         ('{"content": "no text field"}', "missing field 'text'"),
         ('{"text": 42}', "must be a string"),
@@ -351,10 +351,35 @@ def test_bad_training_config(corpus, tmp_path):
             _train([corpus], tmp_path / "out", vocab_size=bad)
     with pytest.raises(ConfigError, match="duplicates"):
         _train([corpus], tmp_path / "out", special_tokens=["<a>", "<a>"])
-    with pytest.raises(DataError, match="JSONL"):
-        json_file = tmp_path / "data.json"
-        json_file.write_text('[{"text": "x"}]', encoding="utf-8")
-        _train([json_file], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_and_parquet_inputs_read_like_data_prepare(tmp_path):
+    """One reader for tokenizer training and data preparation: JSON arrays and Parquet train the same tokenizer as
+    the same documents in JSONL, and their errors name the file the same way."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = _corpus_lines(600, seed=3)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs), encoding="utf-8")
+    array = tmp_path / "docs.json"
+    array.write_text(json.dumps([{"body": d} for d in docs]), encoding="utf-8")
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": docs}), parquet, row_group_size=100)
+    vocabs = []
+    for path in (jsonl, array, parquet):
+        tok = _train([path], tmp_path / f"tok-{path.suffix[1:]}", vocab_size=400, text_field="body")
+        vocabs.append(tok.backend.get_vocab())
+        assert tok.decode(tok.encode(docs[0])) == docs[0]
+    assert vocabs[0] == vocabs[1] == vocabs[2] and len(vocabs[0]) == 400
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"body": "fine"}, {"text": "no body"}]), encoding="utf-8")
+    with pytest.raises(DataError, match="record 1: missing field 'body'") as e:
+        _train([bad], tmp_path / "out", text_field="body")
+    assert str(e.value).startswith(f"{bad}: ")
+    with pytest.raises(DataError, match="has no column 'text'"):
+        _train([parquet], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

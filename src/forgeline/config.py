@@ -203,24 +203,25 @@ class PretrainConfig(Strict):
 
 
 class TokenizerTrainConfig(Strict):
-    inputs: list[Path] = Field(min_length=1)
-    output: Path
+    inputs: list[Path] = Field(min_length=1, description="text, JSONL, JSON or Parquet files, directories or globs")
+    output: Path = Field(description="directory for tokenizer.json and tokenizer_config.json")
     vocab_size: int = Field(8192, gt=0)
-    text_field: str = "text"
-    min_frequency: int = Field(2, ge=1)
+    text_field: str = Field("text", description="the text's key in JSONL/JSON records, its column in Parquet")
+    text_separator: str = Field("\n\n", description="splits plain-text files into documents")
+    min_frequency: int = Field(2, ge=1, description="a merge must occur at least this often")
     model_max_length: int = Field(2048, gt=0)
 
 
 class DataPrepareConfig(Strict):
-    inputs: list[Path] = Field(min_length=1)
-    tokenizer: Path
-    output: Path
-    text_field: str = "text"
-    text_separator: str = "\n\n"
-    val_fraction: float = Field(0.01, ge=0, lt=1)
-    shard_tokens: int = Field(100_000_000, gt=0)
-    seed: int = 0
-    overwrite: bool = False
+    inputs: list[Path] = Field(min_length=1, description="text, JSONL, JSON or Parquet files, directories or globs")
+    tokenizer: Path = Field(description="a tokenizer directory or tokenizer.json")
+    output: Path = Field(description="the dataset directory to write")
+    text_field: str = Field("text", description="the text's key in JSONL/JSON records, its column in Parquet")
+    text_separator: str = Field("\n\n", description="splits plain-text files into documents")
+    val_fraction: float = Field(0.01, ge=0, lt=1, description="share of documents held out for validation")
+    shard_tokens: int = Field(100_000_000, gt=0, description="tokens per shard file")
+    seed: int = Field(0, description="seeds the validation split")
+    overwrite: bool = Field(False, description="replace an existing output directory")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,6 +302,19 @@ def _field_names(schema: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+def suggest_key(key: str, names: list[str]) -> str | None:
+    """The valid key a misspelt one most likely meant.
+
+    A shared prefix beats edit distance: `lr_rate` means `lr`, although difflib finds `min_lr_ratio` closer.
+    """
+    prefixed = [n for n in names if key.startswith(n) or n.startswith(key)]
+    if prefixed:
+        # the longest shared prefix first; among equals, the closest spelling
+        return max(prefixed, key=lambda n: (min(len(n), len(key)), difflib.SequenceMatcher(None, key, n).ratio()))
+    guess = difflib.get_close_matches(key, names, n=1)
+    return guess[0] if guess else None
+
+
 def format_validation_error(exc: ValidationError, schema: type[BaseModel], source: str) -> str:
     lines = []
     for err in exc.errors():
@@ -308,8 +322,8 @@ def format_validation_error(exc: ValidationError, schema: type[BaseModel], sourc
         field = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             names = _field_names(schema, loc[:-1])
-            guess = difflib.get_close_matches(str(loc[-1]), names, n=1)
-            hint = f"; did you mean '{guess[0]}'?" if guess else (f"; valid keys: {', '.join(names)}" if names else "")
+            guess = suggest_key(str(loc[-1]), names)
+            hint = f"; did you mean '{guess}'?" if guess else (f"; valid keys: {', '.join(names)}" if names else "")
             lines.append(f"{field}: unknown key{hint}")
         elif err["type"] == "missing":
             lines.append(f"{field}: required but not given")
@@ -340,3 +354,78 @@ def validate_config(schema: type[T], data: dict[str, Any], *, source: str = "") 
 def dump_config(cfg: BaseModel) -> str:
     """The fully resolved config as YAML (paths as strings), saved with every run."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Help: the keys of a schema, for `forgeline <command> --help`
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin is Literal:
+        return "|".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is Path:
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, tuple):
+        return str(list(value))
+    return str(value)
+
+
+def _sections(annotation: Any) -> list[type[BaseModel]]:
+    import typing
+
+    candidates = [annotation, *typing.get_args(annotation)]
+    return [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+
+
+def describe_keys(schema: type[BaseModel], *, sections: tuple[str, ...] | None = None) -> list[str]:
+    """One line per settable key, nested sections dotted: `train.lr (float, default 0.0003): description`.
+
+    Built from the schema itself so that the help can never list a key the config rejects, or miss one.
+    `sections` keeps only those top-level sections (and the top-level scalar keys are dropped).
+    """
+    from pydantic_core import PydanticUndefined
+
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str, instance: BaseModel | None, top: bool) -> None:
+        for name, field in model.model_fields.items():
+            if top and sections is not None and name not in sections:
+                continue
+            key = prefix + name
+            sub = _sections(field.annotation)
+            default = field.get_default(call_default_factory=True)
+            if sub and (isinstance(default, BaseModel) or sub[0] is field.annotation):
+                # a section: its keys, not the section itself
+                walk(sub[0], key + ".", default if isinstance(default, BaseModel) else None, False)
+                continue
+            shown = "required" if default is PydanticUndefined else f"default {_default_text(default)}"
+            if instance is not None and getattr(instance, name) != default:
+                # the section's default differs from its class's (PretrainConfig.model is the tiny preset)
+                shown += f"; {_default_text(getattr(instance, name))} when no {prefix}* key is given"
+            line = f"{key} ({_type_name(field.annotation)}, {shown})"
+            lines.append(line + (f": {field.description}" if field.description else ""))
+            for section in sub:  # e.g. model.rope_scaling: None or a section of its own
+                walk(section, key + ".", None, False)
+
+    walk(schema, "", None, True)
+    return lines

@@ -372,32 +372,39 @@ def train_bpe(
     vocab_size: int,
     output_dir: str | os.PathLike,
     text_field: str = "text",
+    text_separator: str = "\n\n",
     min_frequency: int = 2,
     special_tokens: Sequence[str] | None = None,
     chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
     model_max_length: int = 2048,
     show_progress: bool = True,
 ) -> Tokenizer:
-    """Train a GPT-2 style byte-level BPE on text and JSONL files, save it to ``output_dir`` and return it.
+    """Train a GPT-2 style byte-level BPE, save it to ``output_dir`` and return it.
+
+    ``files`` are read exactly as ``forgeline data prepare`` reads them (:func:`forgeline.data.sources.
+    iter_documents`): plain text split into documents on ``text_separator``, JSONL, JSON arrays and Parquet with the
+    text under ``text_field``; directories and glob patterns expand to their files. The same reader on both sides
+    means the tokenizer is trained on exactly the documents it will later encode. Input is streamed (a ``.json``
+    file is read whole).
 
     Byte-level with the full 256-byte initial alphabet means every string is encodable and decodes back exactly, so
-    no UNK token is needed. ``.jsonl`` files hold one JSON object per line with the text under ``text_field``; any
-    other extension is read as plain UTF-8 text. Input is streamed, so files larger than memory are fine.
+    no UNK token is needed.
 
     ``special_tokens`` get the first ids in order; the first is used as both BOS and EOS (as in GPT-2) and the
     second, if any, as PAD. The default is ``<|endoftext|>`` and ``<|pad|>``. With the default ChatML template its
     ``<|im_start|>`` and ``<|im_end|>`` markers are added as special tokens too; a custom template's markers must be
     listed in ``special_tokens`` by the caller.
     """
-    paths = [Path(files)] if isinstance(files, (str, os.PathLike)) else [Path(f) for f in files]
-    if not paths:
+    from forgeline.data.sources import iter_documents, resolve_inputs
+
+    items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+    if not items:
         raise ConfigError("train_bpe needs at least one training file")
     specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
     if chat_template == DEFAULT_CHAT_TEMPLATE:
         specials += [t for t in _CHATML_TOKENS if t not in specials]
     _validate_training_args(specials, vocab_size, min_frequency, model_max_length, text_field, chat_template)
-    for path in paths:
-        _check_input_file(path)
+    paths = resolve_inputs(items)  # a missing input fails here, before the trainer starts
 
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -409,13 +416,10 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-
-    def batches() -> Iterator[list[str]]:
-        for path in paths:
-            yield from _batched(_iter_texts(path, text_field), _RECORDS_PER_BATCH)
+    documents = iter_documents(paths, text_field=text_field, text_separator=text_separator)
 
     # Nothing is written before training succeeds, so a bad line anywhere leaves no output behind.
-    backend.train_from_iterator(batches(), trainer=trainer)
+    backend.train_from_iterator(_batched(documents, _RECORDS_PER_BATCH), trainer=trainer)
     if backend.get_vocab_size() < vocab_size:
         logger.warning(
             "the corpus only supports %d tokens (asked for vocab_size=%d at min_frequency=%d); "
@@ -464,74 +468,6 @@ def _validate_training_args(
         raise ConfigError(f"text_field must be a non-empty string, got {text_field!r}")
     if chat_template is not None and not isinstance(chat_template, str):
         raise ConfigError(f"chat_template must be a string or None, got {type(chat_template).__name__}")
-
-
-def _check_input_file(path: Path) -> None:
-    if not path.exists():
-        raise DataError("training file does not exist", path)
-    if not path.is_file():
-        raise DataError("training input is not a file", path)
-    if path.stat().st_size == 0:
-        raise DataError("training file is empty", path)
-    if path.suffix.lower() == ".json":
-        raise DataError(
-            "a .json file is not a supported training input; use JSONL (one JSON object per line, "
-            "extension .jsonl) or plain text",
-            path,
-        )
-
-
-def _iter_texts(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Stream the training text of one file: JSONL records' ``text_field``, or a plain text file's lines.
-
-    Lines are read as bytes and decoded strictly one at a time, so memory stays flat and the first invalid UTF-8
-    line can be named. Plain-text lines keep their newline, so BPE sees line structure as it is.
-    """
-    is_jsonl = path.suffix.lower() == ".jsonl"
-    produced = False
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"invalid UTF-8 (byte {e.start} of the line is {raw[e.start:e.start + 1]!r}); "
-                        "training files must be UTF-8 text",
-                        path,
-                        lineno,
-                    ) from None
-                if lineno == 1:
-                    line = line.removeprefix("\ufeff")
-                if not is_jsonl:
-                    if line:
-                        produced = True
-                        yield line
-                    continue
-                if not line.strip():
-                    continue
-                yield _jsonl_text(line, text_field, path, lineno)
-                produced = True
-    except OSError as e:
-        raise DataError(f"cannot read training file: {e.strerror or e}", path) from None
-    if not produced:
-        raise DataError("training file contains no text", path)
-
-
-def _jsonl_text(line: str, text_field: str, path: Path, lineno: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", path, lineno) from None
-    if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object, got {type(record).__name__}", path, lineno)
-    if text_field not in record:
-        fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-        raise DataError(f"missing field {text_field!r} (fields present: {fields})", path, lineno)
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise DataError(f"field {text_field!r} must be a string, got {type(text).__name__}", path, lineno)
-    return text
 
 
 def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -143,8 +143,29 @@ def _open(path: Path):
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # bad magic, unsupported version, truncated file
-        raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from None
+        raise CheckpointError(f"{path}: {_why_unreadable(path, exc)}") from None
     return reader
+
+
+_GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+
+
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """What the reader's failure means for the user. The reader itself fails deep inside numpy ("index 0 is out of
+    bounds", "cannot reshape array") when a file ends early, which says nothing about the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_GGUF_HEADER_BYTES)
+    if size == 0:
+        return "not a GGUF file: the file is empty"
+    if not b"GGUF".startswith(head[:4]):  # a file cut inside the magic itself still starts like one
+        return "not a GGUF file (it does not start with the GGUF magic bytes)"
+    if "version" in str(exc).lower():
+        return f"not a readable GGUF file ({exc})"
+    if size < _GGUF_HEADER_BYTES:
+        return f"truncated GGUF file: it ends after {size} bytes, inside the header"
+    return (f"truncated or corrupt GGUF file: its metadata or tensor data run past the end of the file "
+            f"({size:,} bytes); download or copy it again")
 
 
 def config_from_gguf(meta: _Meta, tensors: dict[str, Any]) -> tuple[ModelConfig, str]:

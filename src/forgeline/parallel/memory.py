@@ -190,9 +190,9 @@ def measure_state_bytes(model, optimizer) -> dict[str, int]:
 
 
 def add_plan_memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="*", metavar="[CONFIG.yaml] key=value",
-                   help="a pretrain config and/or overrides: model.preset=70b parallel.tp=8 parallel.pp=4 "
-                        "parallel.dp_shard=-1 train.micro_batch_size=1 data.seq_len=4096 ...")
+    from ..cli import add_config_args
+
+    add_config_args(p, "plan memory")
     p.add_argument("--world", type=int, required=True, help="total ranks (GPUs)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
