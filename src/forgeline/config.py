@@ -47,15 +47,24 @@ class DataConfig(Strict):
 
 class TrainConfig(Strict):
     preset: Literal["7b", "70b"] | None = Field(None, description="the seed's hyperparameters for that scale")
-    max_steps: int = Field(1000, gt=0)
+    max_steps: int | None = Field(
+        1000, gt=0, description="optimizer steps; None: train.epochs passes over the data (a set max_steps wins)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training data (stages with a sample "
+                                                         "data set: sft, ...)")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass on one rank")
     global_batch_tokens: int | None = Field(
         None, gt=0, description="tokens per optimizer step over all ranks; None: one micro-batch per rank"
     )
+    global_batch_samples: int | None = Field(
+        None, gt=0, description="samples per optimizer step over all ranks (stages with a sample data set)")
     lr: float = Field(3e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="after warmup: cosine or linear decay to lr * min_lr_ratio, or constant")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the schedule decays to lr * min_lr_ratio")
     warmup_steps: int = Field(100, ge=0)
-    decay_steps: int | None = Field(None, gt=0, description="None: the cosine ends at max_steps")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="warmup as a share of all steps (overrides "
+                                                                      "warmup_steps)")
+    decay_steps: int | None = Field(None, gt=0, description="None: the decay ends at max_steps")
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -77,7 +86,12 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.warmup_steps >= self.max_steps and self.max_steps > 1:
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        if self.global_batch_tokens is not None and self.global_batch_samples is not None:
+            raise ValueError("set train.global_batch_tokens or train.global_batch_samples, not both")
+        if (self.warmup_ratio is None and self.max_steps is not None and self.warmup_steps >= self.max_steps
+                and self.max_steps > 1):
             raise ValueError(f"warmup_steps={self.warmup_steps} must be smaller than max_steps={self.max_steps}")
         b1, b2 = self.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
@@ -184,17 +198,88 @@ class ParallelConfig(Strict):
         return self.pp_stages_per_rank or (2 if self.pp_schedule == "interleaved_1f1b" else 1)
 
 
-class PretrainConfig(Strict):
-    run_dir: Path = Path("runs/pretrain")
+class StageConfig(Strict):
+    """What every training stage has; a stage's config adds its own `data:` section (and its objective's keys).
+
+    `init` starts from a trained model: a forgeline run, checkpoint or model directory, a Hugging Face directory or
+    a GGUF file; the model's shape and tokenizer then come from it and `model:` is not used.
+    """
+
+    run_dir: Path = Path("runs/run")
     seed: int = 0
-    tokenizer: Path | None = Field(None, description="None: the tokenizer saved with the dataset")
+    init: Path | None = Field(None, description="start from this model (run/checkpoint/model dir, HF dir, .gguf); "
+                                                "None: a new model built from model:")
+    tokenizer: Path | None = Field(None, description="None: the model's (init) or the dataset's tokenizer")
     model: ModelConfig = ModelConfig(preset="tiny")
-    data: DataConfig
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     stability: StabilityConfig = StabilityConfig()
     monitor: MonitorConfig = MonitorConfig()
     parallel: ParallelConfig = ParallelConfig()
+
+    def seq_len(self) -> int:
+        """The longest sequence a micro-batch holds (memory planning, the layout's checks); stages with data say
+        theirs, the base can only say what the model allows."""
+        return self.model.max_seq_len
+
+
+class PretrainConfig(StageConfig):
+    run_dir: Path = Path("runs/pretrain")
+    tokenizer: Path | None = Field(None, description="None: the tokenizer saved with the dataset")
+    data: DataConfig
+
+    def seq_len(self) -> int:
+        return self.data.seq_len
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised fine-tuning
+# ---------------------------------------------------------------------------------------------------------------
+
+# The seed's SFT hyperparameters; a user's own train.* keys override them one by one.
+SFT_TRAIN_DEFAULTS: dict[str, Any] = dict(epochs=3, max_steps=None, lr=2e-5, global_batch_samples=128,
+                                          warmup_ratio=0.03, micro_batch_size=4, weight_decay=0.0,
+                                          min_lr_ratio=0.0, betas=(0.9, 0.999))
+
+
+class SFTDataConfig(Strict):
+    train: list[Path] = Field(min_length=1, description="JSONL, JSON or Parquet files (or directories, globs)")
+    validation: list[Path] | None = Field(None, description="held-out files; None: val_fraction of train")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of train records held out (seeded)")
+    format: Literal["auto", "instruction", "messages", "sharegpt"] = Field(
+        "auto", description="instruction {instruction,input,output}, messages [{role,content}], sharegpt "
+                            "[{from,value}]; auto: from the first record")
+    fields: dict[str, str] = Field(default_factory=dict, description="renamed fields, e.g. {output: response}")
+    system_prompt: str | None = Field(None, description="a system turn put before instruction-format records")
+    template: str = Field("auto", description="chat template: auto (the model's, else chatml), model, chatml, "
+                                             "llama3")
+    add_special_tokens: bool = Field(False, description="add the template's special tokens the tokenizer lacks "
+                                                        "(the embedding grows; new rows at the mean)")
+    loss_on: Literal["assistant", "all", "last_assistant"] = Field(
+        "assistant", description="which tokens carry the loss")
+    max_length: int = Field(4096, gt=1, description="tokens per sample; longer samples are cut (and counted)")
+    packing: bool = Field(True, description="several samples per sequence (best-fit decreasing), attention kept "
+                                            "within each; false: one padded sample per row")
+    on_error: Literal["raise", "skip"] = Field("raise", description="a record that does not fit: stop, or skip "
+                                                                   "and count it")
+    shuffle: bool = True
+
+
+class SFTConfig(StageConfig):
+    run_dir: Path = Path("runs/sft")
+    data: SFTDataConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sft_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            train = data.get("train")
+            if train is None or isinstance(train, dict):
+                return {**data, "train": {**SFT_TRAIN_DEFAULTS, **(train or {})}}
+        return data
+
+    def seq_len(self) -> int:
+        return self.data.max_length
 
 
 # ---------------------------------------------------------------------------------------------------------------
