@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import json
 import os
-import secrets
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -39,7 +38,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from forgeline.errors import ConfigError, DataError, ForgelineError
+from ..errors import ConfigError, DataError, ForgelineError
+from ..files import publish_dir, sibling_dir
 
 from .sources import Inputs, PathLike, _check_options, iter_file_documents, resolve_inputs
 
@@ -120,7 +120,7 @@ def prepare_dataset(
     _check_output_dir(output_dir, overwrite)
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _make_sibling_dir(output_dir, "tmp")
+        tmp = sibling_dir(output_dir, "tmp")
     except OSError as e:
         raise DataError(f"cannot create the output directory: {e.strerror or e}", output_dir) from None
     try:
@@ -140,10 +140,6 @@ def prepare_dataset(
         )
         tokenizer.save(tmp / TOKENIZER_DIR)
         os.chmod(tmp / TOKENIZER_DIR, tmp.stat().st_mode & 0o777)
-        for path in sorted((tmp / TOKENIZER_DIR).rglob("*")):
-            if path.is_file():
-                _fsync_file(path)
-        _fsync_dir(tmp / TOKENIZER_DIR)
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -160,8 +156,7 @@ def prepare_dataset(
             "splits": splits,
         }
         _write_json_durably(tmp / INDEX_FILE, index)
-        _fsync_dir(tmp)
-        _publish(tmp, output_dir)
+        publish_dir(tmp, output_dir)  # fsyncs every shard, the tokenizer and the index first
     except OSError as e:  # disk full, permissions: the user's to fix, so no traceback
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"cannot write the dataset: {e.strerror or e}", e.filename or output_dir) from None
@@ -198,30 +193,6 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
             "(choose a new or empty directory)",
             output_dir,
         )
-
-
-def _publish(tmp: Path, output_dir: Path) -> None:
-    """Swap the finished directory into place; an old dataset is moved aside first and deleted only afterwards."""
-    old = None
-    if output_dir.exists():
-        old = _make_sibling_dir(output_dir, "old")
-        os.replace(output_dir, old)
-    os.replace(tmp, output_dir)
-    _fsync_dir(output_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _make_sibling_dir(path: Path, tag: str) -> Path:
-    """A hidden directory beside ``path`` (same filesystem, so renames are atomic) with the umask's permissions,
-    unlike ``tempfile.mkdtemp``'s owner-only ones, which the published dataset would inherit."""
-    while True:
-        candidate = path.parent / f".{path.name}.{tag}-{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
 
 
 @dataclass
@@ -418,24 +389,6 @@ class _progress:
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
