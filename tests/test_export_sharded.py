@@ -3,7 +3,8 @@
 The checkpoints are real: two gloo processes shard a small model with FSDP2, take one AdamW step and save with
 ShardedCheckpointer (tests/sharded_checkpoint_writer.py, ~5 s); the reference is the whole model gathered from the
 ranks. A broken or foreign directory is one `forgeline: error:` line naming the path, exit status 2, and nothing is
-left behind in the output's parent.
+left behind in the output's parent. Damage is found by the checkpoint's manifest before DCP reads a byte; cases that
+rewrite the manifest after the damage reach DCP's own reader and its error.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 
 from forgeline.cli import main
 from forgeline.model.hf import forgeline_to_hf_name, load_model
+from forgeline.train.checkpoint import write_manifest
 
 from test_generate import make_tokenizer  # noqa: E402
 
@@ -91,6 +93,11 @@ def test_export_hf_of_a_sharded_checkpoint_has_the_consolidated_weights(sharded,
 
 def _break_metadata(ckpt: Path) -> None:
     (ckpt / "dcp" / ".metadata").write_bytes(b"garbage")
+    write_manifest(ckpt)  # past the manifest check: the DCP reader's own error
+
+
+def _damage_metadata(ckpt: Path) -> None:
+    (ckpt / "dcp" / ".metadata").write_bytes(b"garbage")
 
 
 def _drop_metadata(ckpt: Path) -> None:
@@ -104,6 +111,23 @@ def _drop_a_shard(ckpt: Path) -> None:
 def _truncate_a_shard(ckpt: Path) -> None:
     shard = ckpt / "dcp" / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:100])
+    write_manifest(ckpt)
+
+
+def _cut_a_shard(ckpt: Path) -> None:
+    shard = ckpt / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _flip_a_byte_in_a_shard(ckpt: Path) -> None:
+    shard = ckpt / "dcp" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def _drop_the_manifest(ckpt: Path) -> None:
+    (ckpt / "manifest.json").unlink()
 
 
 def _drop_the_weights(ckpt: Path) -> None:
@@ -113,6 +137,7 @@ def _drop_the_weights(ckpt: Path) -> None:
 def _another_model(ckpt: Path) -> None:
     config = ckpt / "config.yaml"
     config.write_text(config.read_text().replace("n_layers: 2", "n_layers: 3"))
+    write_manifest(ckpt)
 
 
 def _bad_config(ckpt: Path) -> None:
@@ -130,6 +155,11 @@ BREAKAGES = {
     "missing-metadata": (_drop_metadata, "dcp/.metadata is missing"),
     "missing-shard": (_drop_a_shard, "__1_0.distcp"),
     "truncated-shard": (_truncate_a_shard, "cannot read the sharded checkpoint"),
+    # the same damage caught by the manifest (size, sha256) before DCP reads anything
+    "damaged-metadata": (_damage_metadata, "dcp/.metadata has 7 bytes; the manifest says"),
+    "cut-shard": (_cut_a_shard, "dcp/__0_0.distcp has 100 bytes; the manifest says"),
+    "flipped-byte": (_flip_a_byte_in_a_shard, "dcp/__1_0.distcp has changed since it was written"),
+    "missing-manifest": (_drop_the_manifest, "manifest.json is missing"),
     "no-weights": (_drop_the_weights, "dcp/"),
     "another-model": (_another_model, "does not fit"),
     "bad-config": (_bad_config, "config.yaml"),

@@ -182,7 +182,7 @@ def test_cli_import_export_and_checkpoint_sources(tmp_path, tok, caplog, capsys)
     # A training checkpoint (run_dir/checkpoints/step_N: model.safetensors + config.yaml), tokenizer from the run.
     from safetensors.torch import save_file
 
-    from forgeline.train.checkpoint import model_state_dict
+    from forgeline.train.checkpoint import model_state_dict, write_manifest
 
     model = load_model(fl_dir).model
     run = tmp_path / "run"
@@ -193,6 +193,7 @@ def test_cli_import_export_and_checkpoint_sources(tmp_path, tok, caplog, capsys)
     model_yaml = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in model.cfg.model_dump(mode="json").items())
     (ckpt / "config.yaml").write_text(f"tokenizer: {tmp_path / 'tokdir'}\nmodel:\n{model_yaml}\n")
     (ckpt / "trainer_state.json").write_text("{}")
+    write_manifest(ckpt)  # a save's last step: without it the checkpoint counts as damaged
     for source in (ckpt, run):
         out = tmp_path / f"from-{source.name}"
         assert main(["export", "hf", str(source), str(out), "--dtype", "bfloat16"]) == 0

@@ -32,3 +32,23 @@ class DataError(ForgelineError):
 
 class CheckpointError(ForgelineError):
     """A checkpoint is missing, incomplete or does not fit the model being trained."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint or model directory whose files do not match what was written: one missing, cut short, changed
+    on disk, or the manifest itself missing or unreadable. `file` is the damaged file, `reason` what is wrong with
+    it ("is missing (listed in the manifest)")."""
+
+    def __init__(self, checkpoint: str | Path, file: str | Path, reason: str):
+        super().__init__(f"{file} {reason}")
+        self.checkpoint = Path(checkpoint)
+        self.file = Path(file)
+        self.reason = reason
+
+    def short(self) -> str:
+        """The damage relative to the checkpoint directory, for one-line reports about that directory."""
+        try:
+            name = self.file.relative_to(self.checkpoint).as_posix()
+        except ValueError:
+            name = str(self.file)
+        return f"{name} {self.reason}"

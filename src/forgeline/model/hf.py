@@ -513,8 +513,10 @@ def load_hf(
 
 def _read_forgeline_dir(directory: Path, dtype, device) -> LoadedModel:
     from ..tokenizer import Tokenizer
+    from ..train.checkpoint import verify_files
     from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
+    verify_files(directory, require_manifest=False)  # save_pretrained's manifest when there is one
     cfg = _model_config(_read_json(directory / CONFIG_NAME), directory / CONFIG_NAME)
     model = allocate_model(cfg, dtype=dtype, device=device)
     load_state_into(model, _read_safetensors(directory / WEIGHTS_NAME, dtype, cfg.tie_embeddings),
@@ -586,6 +588,9 @@ def _read_checkpoint_dir(directory: Path, dtype, device) -> LoadedModel:
         raise CheckpointError(f"{directory / 'config.yaml'}: model.vocab_size is not set")
     cfg = _model_config(model_section, directory / "config.yaml")
     if (directory / "model.safetensors").is_file():
+        from ..train.checkpoint import verify_checkpoint
+
+        verify_checkpoint(directory)
         model = allocate_model(cfg, dtype=dtype, device=device)
         load_state_into(model, _read_safetensors(directory / "model.safetensors", dtype, cfg.tie_embeddings),
                         str(directory / "model.safetensors"))
@@ -632,11 +637,11 @@ def load_model(
         return _read_checkpoint_dir(path, dtype, device)
     if (path / "model" / CONFIG_NAME).is_file():
         return _read_forgeline_dir(path / "model", dtype, device)
-    from ..train.checkpoint import latest_checkpoint
+    from ..parallel.checkpoint import resolve_checkpoint_source
+    from ..train.checkpoint import list_checkpoints
 
-    ckpt = latest_checkpoint(path / "checkpoints")
-    if ckpt is not None:
-        return _read_checkpoint_dir(ckpt, dtype, device)
+    if list_checkpoints(path / "checkpoints"):  # the newest intact one
+        return _read_checkpoint_dir(resolve_checkpoint_source(path), dtype, device)
     raise CheckpointError(
         f"{path} is not a checkpoint: expected a forgeline model dir ({CONFIG_NAME}), a Hugging Face dir "
         f"({HF_CONFIG} + safetensors), a training checkpoint (config.yaml + model.safetensors, or a sharded dcp/ "

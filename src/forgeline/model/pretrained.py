@@ -1,7 +1,9 @@
 """A trained model on disk: `model.safetensors` + `forgeline_config.json` + the tokenizer files.
 
 This is the hand-off between stages (pre-training -> SFT -> alignment -> evaluation). Hugging Face format export is
-a separate command; this directory is forgeline's own, readable with any safetensors reader.
+a separate command; this directory is forgeline's own, readable with any safetensors reader. `save_pretrained` ends
+with a `manifest.json` (each file's size and sha256) that `load_pretrained` checks; a directory without one (older,
+or written by `forgeline import`) is checked by its safetensors headers and sizes only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 def save_pretrained(model: Transformer, tokenizer, directory: str | Path) -> Path:
     """Write atomically (temp dir + rename): an interrupted save never leaves a directory that looks complete."""
-    from ..train.checkpoint import model_state_dict
+    from ..train.checkpoint import model_state_dict, write_manifest
 
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
@@ -36,6 +38,7 @@ def save_pretrained(model: Transformer, tokenizer, directory: str | Path) -> Pat
         (tmp / CONFIG_NAME).write_text(json.dumps(model.cfg.model_dump(mode="json"), indent=1))
         if tokenizer is not None:
             tokenizer.save(tmp)
+        write_manifest(tmp)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -47,10 +50,13 @@ def save_pretrained(model: Transformer, tokenizer, directory: str | Path) -> Pat
 
 def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> Transformer:
+    from ..train.checkpoint import verify_files
+
     directory = Path(directory)
     cfg_path = directory / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{directory} is not a forgeline model directory: {CONFIG_NAME} is missing")
+    verify_files(directory, require_manifest=False)
     try:
         cfg = ModelConfig.model_validate(json.loads(cfg_path.read_text()))
     except (json.JSONDecodeError, ValueError) as exc:

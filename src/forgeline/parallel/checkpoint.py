@@ -8,9 +8,11 @@ A sharded checkpoint is a directory `checkpoints/step_00001000/`:
     rng/rank_00003.*        the torch / python / numpy generator states of every rank
     trainer_state.json      step, data position, schedule, stability state, the layout it was saved under
     config.yaml, meta.json  as for full checkpoints
+    manifest.json           size and sha256 of every file above, written last
 
 Saving is collective and atomic: rank 0 creates a hidden temp directory, every rank writes into it, and after a
-barrier rank 0 fsyncs it and renames it into place. Loading asks the *current* model and optimizer for their state
+barrier rank 0 writes the manifest, fsyncs the directory and renames it into place. Every load verifies the files
+against the manifest first (train/checkpoint.py: verify_checkpoint). Loading asks the *current* model and optimizer for their state
 dicts (DTensor shards of this layout, or plain tensors on one process) and lets DCP read exactly those pieces, so
 a checkpoint saved on N ranks with one layout resumes on M ranks with another, or on a single process; and a full
 (safetensors) checkpoint of a single-process or DDP run resumes under a sharded layout.
@@ -30,15 +32,20 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ForgelineError
 from ..train.checkpoint import (
     CHECKPOINT_PREFIX,
+    MANIFEST_NAME,
     _fsync_dir,
+    find_intact_checkpoint,
     git_commit,
     is_sharded_checkpoint,
     list_checkpoints,
+    print_stderr,
     rng_state,
     set_rng_state,
+    verify_checkpoint,
+    write_manifest,
 )
 from ..train.distributed import barrier
 
@@ -88,14 +95,17 @@ def write_rank_and_run_state(tmp: Path, step: int, fmt: str, layout: str, traine
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         meta = {"forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(),
-                "step": step, "format": fmt, "layout": layout, "world_size": dist.world_size}
+                "step": step, "format": fmt, "layout": layout, "world_size": dist.world_size,
+                "manifest": MANIFEST_NAME}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def finish_multirank_save(tmp: Path, final: Path, checkpoint_root: Path, keep_last: int, dist) -> Path:
-    """Once every rank has written: fsync, rename into place, prune old checkpoints. Call collectively."""
+    """Once every rank has written: the manifest, fsync, rename into place, prune old checkpoints. Call
+    collectively."""
     barrier()  # every rank's part is written
     if dist.is_main:
+        write_manifest(tmp)
         _fsync_files(tmp)
         if final.exists():  # a re-save of the same step after a rollback
             shutil.rmtree(final)
@@ -136,11 +146,11 @@ class ShardedCheckpointer:
             raise
         return finish_multirank_save(tmp, final, checkpoint_root, keep_last, dist)
 
-    def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+    def load(self, path: Path, *, model, optimizer, dist, verify: bool = True) -> dict[str, Any]:
         refuse_deepspeed_checkpoint(path)
         if is_sharded_checkpoint(path):
-            return load_sharded_checkpoint(path, model=model, optimizer=optimizer, dist=dist)
-        return load_full_checkpoint_into_sharded(path, model=model, optimizer=optimizer, dist=dist)
+            return load_sharded_checkpoint(path, model=model, optimizer=optimizer, dist=dist, verify=verify)
+        return load_full_checkpoint_into_sharded(path, model=model, optimizer=optimizer, dist=dist, verify=verify)
 
 
 def refuse_deepspeed_checkpoint(path: Path) -> None:
@@ -189,10 +199,13 @@ def _check_keys(path: Path, wanted: dict[str, Any], prefix: str, dcp_dir: Path |
         )
 
 
-def load_sharded_checkpoint(path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+def load_sharded_checkpoint(path: Path, *, model, optimizer, dist, verify: bool = True) -> dict[str, Any]:
     """Read a DCP checkpoint into this rank's model and optimizer, whatever layout either was saved or is run in
-    (a plain model on one process included); returns the trainer state."""
+    (a plain model on one process included); returns the trainer state. `verify`: check the files against the
+    manifest first (every rank reads them all, so a rank that did not would be reading unchecked bytes)."""
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     state = _read_state(path)
     _load_dcp(path / "dcp", model=model, optimizer=optimizer)
     _restore_rng(path, _rank())
@@ -259,10 +272,13 @@ def full_checkpoint_as_dcp(path: Path, out: Path, model_cfg) -> None:
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out), no_dist=True)
 
 
-def load_full_checkpoint_into_sharded(path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+def load_full_checkpoint_into_sharded(path: Path, *, model, optimizer, dist, verify: bool = True
+                                      ) -> dict[str, Any]:
     """A full (safetensors) checkpoint of a single-process or DDP run, into a sharded model: rank 0 rewrites it as a
     DCP checkpoint beside it, and every rank reads its own pieces from that (the same resharding path as always)."""
     path = Path(path)
+    if verify:
+        verify_checkpoint(path)
     converted = path.parent / f".tmp-dcp-{path.name}"
     if dist.is_main:
         if converted.exists():
@@ -364,9 +380,9 @@ def _load_dcp_model(checkpoint: Path, model, model_cfg) -> None:
     model.load_state_dict(sd, strict=not model_cfg.tie_embeddings)
 
 
-def load_consolidated_model(checkpoint: Path):
+def load_consolidated_model(checkpoint: Path, *, verify: bool = True):
     """The whole fp32 model of a checkpoint of any layout (full safetensors, sharded DCP or DeepSpeed ZeRO-3), in one
-    process without a process group."""
+    process without a process group. `verify`: check the files against the checkpoint's manifest first."""
     from ..model import build_model
     from ..train.checkpoint import load_model_state
 
@@ -376,6 +392,8 @@ def load_consolidated_model(checkpoint: Path):
         hint = " (a run dir? give one of its checkpoints/step_N)" if (checkpoint / "checkpoints").is_dir() else ""
         raise CheckpointError(f"{checkpoint} holds no model weights: expected model.safetensors, a sharded dcp/ "
                               f"or a deepspeed/ directory{hint}")
+    if verify:
+        verify_checkpoint(checkpoint)
     model = build_model(model_cfg, device="meta").to_empty(device="cpu")
     model.init_weights()  # the non-persistent rotary buffer; every weight is overwritten below
     if (checkpoint / "deepspeed").is_dir():
@@ -408,13 +426,37 @@ def load_consolidated_model(checkpoint: Path):
     return model
 
 
-def consolidate(checkpoint: Path, output: Path, *, tokenizer_dir: Path | None = None) -> Path:
-    """Write a forgeline model directory (model.safetensors + config [+ tokenizer]) from a checkpoint of any layout."""
+def resolve_checkpoint_source(source: Path, *, report=print_stderr) -> Path:
+    """A checkpoint directory as given, or the newest intact checkpoint of a run dir (`RUN/checkpoints/step_N`) or
+    of a checkpoints dir; damaged newer ones are reported and skipped (not renamed: reading changes nothing)."""
+    source = Path(source)
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint directory")
+    if (source / "config.yaml").is_file() and (has_model_weights(source) or (source / "trainer_state.json").is_file()):
+        return source
+    root = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+    if not list_checkpoints(root):
+        raise CheckpointError(f"{source} is not a checkpoint (config.yaml + weights), nor a run or checkpoints "
+                              f"directory with a {CHECKPOINT_PREFIX}N checkpoint in it")
+    found, damaged = find_intact_checkpoint(root, rename_damaged=False, report=report)
+    if found is None:
+        raise CheckpointError(f"{root} holds no intact checkpoint: {'; '.join(damaged)}")
+    return found
+
+
+def consolidate(checkpoint: Path, output: Path, *, tokenizer_dir: Path | None = None, overwrite: bool = False
+                ) -> Path:
+    """Write a forgeline model directory (model.safetensors + config [+ tokenizer]) from a checkpoint of any layout,
+    or from the newest intact checkpoint of a run dir or checkpoints dir. An existing non-empty `output` is
+    replaced only with `overwrite`."""
     import yaml
 
     from ..model.pretrained import save_pretrained
 
-    checkpoint = Path(checkpoint)
+    output = Path(output)
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        raise ForgelineError(f"{output} already exists; pass --overwrite to replace it, or choose another output")
+    checkpoint = resolve_checkpoint_source(Path(checkpoint))
     model = load_consolidated_model(checkpoint)
     cfg = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
     tokenizer = None

@@ -11,7 +11,8 @@ ZeRO-3's partitioned optimizer) and its checkpoint files. On CPU it runs with DS
   DeepSpeed skip the step itself. The spike rollback is not available (it needs the trainer to discard the pending
   gradients, which ZeRO-3 keeps in its own buffers): set stability.max_rollbacks=0.
 * Checkpoints: `step_N/deepspeed/` in DeepSpeed's format (resumable with this backend and the same world size),
-  beside forgeline's trainer_state.json; `forgeline export consolidate` turns one into a safetensors model.
+  beside forgeline's trainer_state.json; the manifest rank 0 writes last covers DeepSpeed's files too, so a damaged
+  one is found before DeepSpeed unpickles it. `forgeline export consolidate` turns one into a safetensors model.
 """
 
 from __future__ import annotations
@@ -112,15 +113,17 @@ class DeepSpeedCheckpointer:
             raise
         return finish_multirank_save(tmp, final, checkpoint_root, keep_last, dist)
 
-    def load(self, path: Path, *, model, optimizer, dist) -> dict[str, Any]:
+    def load(self, path: Path, *, model, optimizer, dist, verify: bool = True) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        from ..train.checkpoint import set_rng_state
+        from ..train.checkpoint import set_rng_state, verify_checkpoint
 
         path = Path(path)
         if not (path / TAG).is_dir():
             raise CheckpointError(f"{path} was not written by the DeepSpeed backend; it resumes with "
                                   "parallel.backend=native (or export its weights: forgeline export consolidate)")
+        if verify:
+            verify_checkpoint(path)
         state = json.loads((path / "trainer_state.json").read_text())
         if state.get("world_size") not in (None, dist.world_size):
             raise CheckpointError(f"{path} holds DeepSpeed ZeRO-3 shards of {state['world_size']} ranks; resume it "

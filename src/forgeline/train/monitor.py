@@ -126,13 +126,15 @@ class RunLogger:
             info = f"loss {metrics['loss']:.4f}  lr {metrics.get('lr', 0):.2e}  {metrics.get('tokens_per_s', 0):,.0f} tok/s"
             self._progress.update(self._task, completed=step, info=info)
 
-    def event(self, step: int, kind: str, message: str, **fields: Any) -> None:
+    def event(self, step: int, kind: str, message: str, *, echo: bool = True, **fields: Any) -> None:
+        """Record an event in events.jsonl; `echo` also prints it."""
         record = {"step": step, "event": kind, "message": message, **fields}
         self.events.append(record)
         if not self.enabled:
             return
         self._events.write(json.dumps(record) + "\n")
-        self.print(f"[{kind}] step {step}: {message}")
+        if echo:
+            self.print(f"[{kind}] step {step}: {message}")
 
     def print(self, message: str) -> None:
         if not self.enabled:

@@ -20,7 +20,7 @@ from ..model.generate import sample
 from ..objectives import causal_lm_loss
 from ..tokenizer import Tokenizer
 from ..parallel.layout import resolve_layout
-from .checkpoint import latest_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, print_stderr, select_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, unwrap
 from ..model.pretrained import save_pretrained
 from . import bf16_matmul
@@ -106,9 +106,8 @@ def make_eval_fn(cfg: PretrainConfig, val_loader: PackedTokenLoader | None, toke
     return evaluate
 
 
-def check_resume_compatible(run_dir: Path, model_cfg: ModelConfig) -> None:
-    ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None or not (ckpt / "config.yaml").is_file():
+def check_resume_compatible(ckpt: Path, model_cfg: ModelConfig) -> None:
+    if not (ckpt / "config.yaml").is_file():
         return
     saved = read_yaml(ckpt / "config.yaml").get("model", {})
     current = model_cfg.model_dump(mode="json")
@@ -142,9 +141,44 @@ def write_memory_report(run_dir: Path, cfg: PretrainConfig, dist: DistInfo, mode
 @dataclass
 class PretrainOutcome:
     result: TrainResult
-    model_dir: Path
+    model_dir: Path  # where the final model is (not written when the run was preempted)
     model: Transformer
     tokenizer: Tokenizer
+
+    @property
+    def preempted(self) -> bool:
+        """A signal stopped the run before max_steps: its last checkpoint is written, the final model is not."""
+        return self.result.preempted is not None
+
+
+def choose_resume_checkpoint(run_dir: Path, resume: bool | str, dist: DistInfo) -> Path | None:
+    """The checkpoint `resume` asks for: None for a fresh start, else the newest intact one (rank 0 reports and
+    renames damaged ones). resume=True with nothing to resume is an error; "auto" then starts fresh, saying so."""
+    if resume not in (False, True, "auto"):
+        raise ConfigError(f"resume={resume!r}: expected False, True or 'auto' (--resume / --resume=auto)")
+    root = run_dir / "checkpoints"
+    if not resume:
+        if list_checkpoints(root):
+            raise ConfigError(f"run_dir={run_dir} already holds checkpoints; pass --resume to continue it, "
+                              "or choose another run_dir")
+        return None
+    report = print_stderr if dist.is_main else None
+    found, damaged = select_checkpoint(root, dist, report=report)
+    if found is not None:
+        return found
+    if damaged:
+        what = (f"no intact checkpoint in {root} ({len(damaged)} damaged, renamed *.corrupt: "
+                f"{'; '.join(damaged)})")
+    else:
+        what = f"run_dir={run_dir} has no checkpoint to resume from"
+    if resume == "auto":
+        if report:
+            report(f"--resume=auto: {what}; starting a new run at step 0")
+        return None
+    if damaged:
+        raise CheckpointError(f"--resume: {what}")
+    raise ConfigError(f"--resume: {what}; start it without --resume, or use --resume=auto to resume only "
+                      "when there is a checkpoint")
 
 
 def check_parallel_config(cfg: PretrainConfig, world_size: int):
@@ -161,7 +195,11 @@ def check_parallel_config(cfg: PretrainConfig, world_size: int):
     return layout
 
 
-def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
+def pretrain(cfg: PretrainConfig, *, resume: bool | str = False) -> PretrainOutcome:
+    """Pre-train as `cfg` says. resume: False (a fresh run; refused where checkpoints exist), True (continue from
+    the newest intact checkpoint; an error when there is none) or "auto" (continue when possible, else start fresh;
+    what a cluster job script wants). SIGTERM or SIGUSR1 stop the run after the current step with a checkpoint
+    (`outcome.preempted`); no final model is written then."""
     check_parallel_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     dist = init_distributed(cfg.train.device)
     try:
@@ -170,7 +208,7 @@ def pretrain(cfg: PretrainConfig, *, resume: bool = False) -> PretrainOutcome:
         shutdown()
 
 
-def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainOutcome:
+def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool | str) -> PretrainOutcome:
     index = load_index(cfg.data.dataset)
     tokenizer = Tokenizer.load(cfg.tokenizer or Path(cfg.data.dataset) / "tokenizer")
     check_tokenizer(index, tokenizer)
@@ -181,12 +219,9 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
     dp_rank, dp_size = layout.dp_rank(dist.rank), layout.dp
     accum = grad_accum_steps(cfg, dp_size)
     run_dir = Path(cfg.run_dir)
-    has_checkpoints = latest_checkpoint(run_dir / "checkpoints") is not None
-    if has_checkpoints and not resume:
-        raise ConfigError(f"run_dir={run_dir} already holds checkpoints; pass --resume to continue it, "
-                          "or choose another run_dir")
-    if resume:
-        check_resume_compatible(run_dir, model_cfg)
+    resume_from = choose_resume_checkpoint(run_dir, resume, dist)
+    if resume_from is not None:
+        check_resume_compatible(resume_from, model_cfg)
 
     # auto keeps bf16 GEMMs under torch.compile and activation checkpointing, which do not see the function mode that
     # moves them to the fp32 units (the recomputed forward would take the other path)
@@ -261,10 +296,15 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
         trainer_note = (f"model {model_cfg_params(model_cfg):,} parameters | {accum} accumulation step(s) x "
                         f"{dp_size} data-parallel rank(s) x {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens")
         print(trainer_note, flush=True)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume_from=resume_from)
+    model_dir = run_dir / "model"
+    if result.preempted is not None:
+        if dist.is_main:
+            print_stderr(f"preempted by {result.preempted} at step {result.steps}; checkpoint written to "
+                         f"{result.checkpoint}; continue with --resume=auto")
+        return PretrainOutcome(result=result, model_dir=model_dir, model=model, tokenizer=tokenizer)
     if cfg.parallel.backend == "native":
         write_memory_report(run_dir, cfg, dist, unwrap(wrapped), trainer.optimizer)
-    model_dir = run_dir / "model"
     if whole_model:
         if dist.is_main:
             save_pretrained(unwrap(wrapped), tokenizer, model_dir)
@@ -275,6 +315,6 @@ def _pretrain(cfg: PretrainConfig, dist: DistInfo, *, resume: bool) -> PretrainO
         barrier()
         if dist.is_main:
             consolidate(latest_checkpoint(run_dir / "checkpoints"), model_dir,
-                        tokenizer_dir=cfg.tokenizer or Path(cfg.data.dataset) / "tokenizer")
+                        tokenizer_dir=cfg.tokenizer or Path(cfg.data.dataset) / "tokenizer", overwrite=True)
         barrier()
     return PretrainOutcome(result=result, model_dir=model_dir, model=model, tokenizer=tokenizer)

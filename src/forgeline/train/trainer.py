@@ -13,22 +13,32 @@ the micro-batch / accumulation / rank split.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from ..config import CheckpointConfig, MonitorConfig, StabilityConfig, TrainConfig
+from ..errors import CheckpointError, ConfigError
 from .bf16_matmul import bf16_autocast
-from .checkpoint import FullCheckpointer, latest_checkpoint
+from .checkpoint import FullCheckpointer, latest_checkpoint, select_checkpoint
 from .distributed import DistInfo, all_reduce_sum, unwrap
 from .monitor import RunLogger, device_peak_flops, memory_stats
 from .optim import WarmupCosineSchedule, build_optimizer
 from .stability import SpikeDetector, TrainingDiverged
+
+# The TrainConfig fields the learning-rate schedule is computed from (absent ones are skipped).
+SCHEDULE_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "max_steps", "decay_steps", "min_lr_ratio")
 
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -51,6 +61,8 @@ class TrainResult:
     tokens_seen: int
     train_seconds: float
     final_eval: dict[str, float] = field(default_factory=dict)
+    preempted: str | None = None  # the signal's name ("SIGTERM") when a signal stopped the run early
+    checkpoint: Path | None = None  # the newest checkpoint this run wrote (rank 0; None on ranks that write none)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -124,6 +136,47 @@ class StepExecutor:
         optimizer.zero_grad(set_to_none=True)
 
 
+# SIGUSR1 is what Slurm sends ahead of a time limit (`#SBATCH --signal=USR1@120`); SIGTERM what Slurm, Kubernetes
+# and torchrun send to stop a job.
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class StopRequest:
+    """Records a preemption signal for the loop to act on between steps. A second signal stops the process at once,
+    as it would have without the handler."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread; such a caller keeps the default
+        for name in PREEMPTION_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.uninstall()
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum  # no printing here: the handler may interrupt a write to the same stream
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class Trainer:
     def __init__(
         self,
@@ -175,6 +228,9 @@ class Trainer:
         self.rollbacks = 0
         self.skipped_nonfinite = 0
         self._tokens_this_run = 0
+        self.grad_alerts = {"warmup": 0, "after": 0}  # this session's gradient-norm alerts
+        self.stop_request = StopRequest()
+        self._saved: tuple[int, Path | None] | None = None  # (step, path) of the last save
 
     # -- state ---------------------------------------------------------------------------------------------------
 
@@ -185,27 +241,71 @@ class Trainer:
             "skipped_nonfinite": self.skipped_nonfinite,
             "data": self.loader.state_dict(),
             "schedule": self.schedule.state_dict(),
+            # the config fields behind the schedule, so that a resume can say which of them changed
+            "schedule_config": {k: getattr(self.cfg, k) for k in SCHEDULE_FIELDS if hasattr(self.cfg, k)},
             "stability": self.detector.state_dict(),
             "world_size": self.dist.world_size,
         }
 
     def save(self) -> Path | None:
         """Every rank calls this; the checkpointer returns once the checkpoint is complete and renamed into place."""
-        return self.checkpointer.save(
+        path = self.checkpointer.save(
             self.checkpoint_dir, self.step, model=unwrap(self.model), optimizer=self.optimizer,
             trainer_state=self.trainer_state(), config_yaml=self.config_yaml, keep_last=self.ckpt_cfg.keep_last,
             dist=self.dist,
         )
+        self._saved = (self.step, path)
+        return path
 
-    def restore(self, path: Path, *, restore_data: bool = True) -> None:
-        state = self.checkpointer.load(path, model=unwrap(self.model), optimizer=self.optimizer, dist=self.dist)
+    def restore(self, path: Path, *, restore_data: bool = True, resume: bool = False, verify: bool = True
+                ) -> dict[str, Any]:
+        """Load a checkpoint into the model, optimizer, schedule, detector and (with restore_data) the loader;
+        returns its trainer state. `resume`: also the run-wide counters (a rollback keeps this session's count)."""
+        state = self.checkpointer.load(path, model=unwrap(self.model), optimizer=self.optimizer, dist=self.dist,
+                                       verify=verify)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        if resume:
+            self.rollbacks = int(state.get("rollbacks", 0))
         self.schedule.load_state_dict(state["schedule"])
         self.detector.load_state_dict(state["stability"])
         if restore_data:
             self.loader.load_state_dict(state["data"])
+        return state
+
+    def _print_main(self, message: str) -> None:
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    def find_checkpoint(self) -> Path | None:
+        """The newest intact checkpoint (rank 0 verifies, reports and renames damaged ones); collective."""
+        found, _ = select_checkpoint(self.checkpoint_dir, self.dist, report=self._print_main)
+        return found
+
+    def schedule_change(self, state: dict[str, Any]) -> str | None:
+        """One line naming the schedule settings that differ from the checkpoint's, and what that does to the
+        learning rate at the resumed step; None when the schedule is the same."""
+        # The schedule's state holds the values it computes from (step aside); the same values, the same curve.
+        saved = {k: v for k, v in state.get("schedule", {}).items() if k != "step"}
+        current = {k: v for k, v in self.schedule.state_dict().items() if k != "step"}
+        if saved == current:
+            return None
+        old = copy.copy(self.schedule)
+        for key, value in saved.items():
+            if hasattr(old, key):
+                setattr(old, key, value)
+        saved_cfg = state.get("schedule_config")
+        if isinstance(saved_cfg, dict):
+            changes = [f"train.{k} {saved_cfg[k]} -> {getattr(self.cfg, k)}" for k in SCHEDULE_FIELDS
+                       if k in saved_cfg and hasattr(self.cfg, k) and saved_cfg[k] != getattr(self.cfg, k)]
+        else:  # a checkpoint from before schedule_config: the schedule's own values
+            changes = [f"schedule {k} {saved.get(k)} -> {current.get(k)}" for k in sorted(set(saved) | set(current))
+                       if saved.get(k) != current.get(k)]
+        before, after = old.lr_at(self.step), self.schedule.lr_at(self.step)
+        effect = (f"the learning rate at step {self.step} changes from {before:.1e} to {after:.1e}" if before != after
+                  else f"the learning rate at step {self.step} stays {after:.1e}; the schedule differs after it")
+        return f"resume: {', '.join(changes) or 'the learning-rate schedule changed'}; {effect}"
 
     # -- one optimizer step --------------------------------------------------------------------------------------
 
@@ -237,12 +337,13 @@ class Trainer:
                 f"{self.stab_cfg.max_rollbacks} rollbacks; the run is unstable. Lower train.lr, raise "
                 f"train.warmup_steps, or inspect the data around this step (events.jsonl lists each spike)."
             )
-        ckpt = latest_checkpoint(self.checkpoint_dir)
+        ckpt = self.find_checkpoint()
         if ckpt is None:
-            raise TrainingDiverged(f"loss spiked at step {self.step} and there is no checkpoint to roll back to")
+            raise TrainingDiverged(f"loss spiked at step {self.step} and there is no intact checkpoint to roll back "
+                                   "to")
         spike_step = self.step
         position_after_spike = self.loader.state_dict()
-        self.restore(ckpt, restore_data=self.stab_cfg.skip_batches is not None)
+        self.restore(ckpt, restore_data=self.stab_cfg.skip_batches is not None, verify=False)
         if self.stab_cfg.skip_batches is None:
             # Skip every batch from the checkpoint through the spike: replaying them from the same weights tends to
             # reproduce it.
@@ -262,19 +363,33 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------------
 
-    def fit(self, *, resume: bool = False) -> TrainResult:
+    def fit(self, *, resume: bool | str = False, resume_from: Path | None = None) -> TrainResult:
+        """Train to `max_steps`. resume: False (start at step 0), True (continue from the newest intact checkpoint;
+        an error when there is none) or "auto" (continue when there is one, else start at step 0). `resume_from`: a
+        checkpoint the caller already chose and verified (pretrain does, before building anything)."""
         cfg = self.cfg
-        if resume:
-            ckpt = latest_checkpoint(self.checkpoint_dir)
-            if ckpt is not None:
-                self.restore(ckpt)
+        if resume not in (False, True, "auto"):
+            raise ConfigError(f"resume={resume!r}: expected False, True or 'auto'")
+        schedule_note = None
+        if resume_from is None and resume:
+            resume_from = self.find_checkpoint()
+            if resume_from is None and resume is True:
+                raise CheckpointError(f"nothing to resume: {self.checkpoint_dir} holds no intact checkpoint")
+            verify = True
+        else:
+            verify = False
+        if resume_from is not None:
+            state = self.restore(resume_from, resume=True, verify=verify)
+            schedule_note = self.schedule_change(state)
         start_step = self.step
         logger = RunLogger(
             self.run_dir, enabled=self.dist.is_main, tensorboard=self.mon_cfg.tensorboard,
             progress=self.mon_cfg.progress, total_steps=cfg.max_steps, start_step=start_step,
         )
-        if resume and start_step:
+        if resume_from is not None:
             logger.print(f"resumed from step {start_step} ({self.tokens_seen:,} tokens seen)")
+            if schedule_note:
+                logger.print(schedule_note)
         peak = self.mon_cfg.peak_flops or device_peak_flops(self.dist.device, cfg.precision)
         if self.stab_cfg.max_rollbacks > 0 and latest_checkpoint(self.checkpoint_dir) is None:
             self.save()  # the spike rollback always needs a last good state to return to
@@ -282,6 +397,8 @@ class Trainer:
         last_loss = None
         train_seconds = 0.0
         final_eval: dict[str, float] = {}
+        preempted = None
+        self.stop_request.install()
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -304,9 +421,13 @@ class Trainer:
                     self.detector.update(loss)
                     last_loss = loss
                     if grad_norm > self.stab_cfg.grad_norm_alert:
+                        # Large norms are normal while the learning rate warms up: counted for the summary and
+                        # recorded, but not printed, so that a healthy run does not read like a failing one.
+                        in_warmup = self.step < self.schedule.warmup_steps
+                        self.grad_alerts["warmup" if in_warmup else "after"] += 1
                         logger.event(self.step, "grad_norm_alert",
                                      f"gradient norm {grad_norm:.2f} above {self.stab_cfg.grad_norm_alert}",
-                                     grad_norm=grad_norm)
+                                     echo=not in_warmup, grad_norm=grad_norm, warmup=in_warmup)
                 if self.dist.device.type == "cuda":
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -331,15 +452,33 @@ class Trainer:
                     logger.print(f"sample @ step {self.step}: {self.sample_fn(unwrap(self.model))!r}")
                 if self.step % self.ckpt_cfg.every == 0 or self.step == cfg.max_steps:
                     self.save()
+                signum = self._agreed_stop_signal()
+                if signum and self.step < cfg.max_steps:
+                    if self._saved is None or self._saved[0] != self.step:
+                        self.save()
+                    preempted = signal_name(signum)
+                    break
         finally:
+            self.stop_request.uninstall()
             logger.close()
         result = TrainResult(
             steps=self.step, final_loss=last_loss, history=logger.history, events=logger.events,
             rollbacks=self.rollbacks, skipped_nonfinite=self.skipped_nonfinite, tokens_seen=self.tokens_seen,
-            train_seconds=train_seconds, final_eval=final_eval,
+            train_seconds=train_seconds, final_eval=final_eval, preempted=preempted,
+            checkpoint=self._saved[1] if self._saved is not None else None,
         )
         self._summary(logger, result, start_step, peak)
         return result
+
+    def _agreed_stop_signal(self) -> int:
+        """The preemption signal any rank has received (0: none), the same on every rank so that all stop after the
+        same step: one small all-reduce per step when there are several ranks."""
+        signum = self.stop_request.signum or 0
+        if self.dist.world_size > 1 and torch_dist.is_initialized():
+            flag = torch.tensor([signum], dtype=torch.int64, device=self.dist.device)
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
 
     def _summary(self, logger: RunLogger, result: TrainResult, start_step: int, peak: float) -> None:
         steps_run = result.steps - start_step
@@ -354,6 +493,9 @@ class Trainer:
             rows.append(("tokens/s (mean)", f"{tps:,.0f}"))
             if self.flops_per_token:
                 rows.append(("MFU", f"{100 * self.flops_per_token * tps / (peak * self.dist.world_size):.1f}%"))
+        if sum(self.grad_alerts.values()):
+            rows.append(("gradient-norm alerts", f"{self.grad_alerts['warmup']} in warmup, {self.grad_alerts['after']} "
+                                                 "after (events.jsonl)"))
         rows += [("rollbacks", str(result.rollbacks)), ("skipped non-finite", str(result.skipped_nonfinite)),
                  ("train time", f"{result.train_seconds:.1f} s"), ("run dir", str(self.run_dir))]
         logger.summary_table("forgeline run summary", rows)
