@@ -95,7 +95,8 @@ def speed_line(completions: list[Completion], seconds: float) -> str:
     """New tokens and tokens/s of one generate call over its whole batch (prefill included)."""
     tokens = sum(len(c.tokens) for c in completions)
     rows = f"{len(completions)} prompts: " if len(completions) > 1 else ""
-    return f"[{rows}{tokens} new tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s]"
+    return (f"[{rows}{tokens} new token{'' if tokens == 1 else 's'} in {seconds:.2f} s, "
+            f"{tokens / max(seconds, 1e-9):.1f} tokens/s]")
 
 
 CHAT_HINT = ("forgeline: note: the model answered with nothing (an immediate end token); it has a chat template, "
