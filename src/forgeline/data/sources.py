@@ -1,5 +1,8 @@
 """Documents out of raw files: plain text, JSONL, JSON and Parquet, one document (a ``str``) at a time.
 
+The one reader of raw text: ``forgeline data prepare`` and ``forgeline tokenizer train`` both read through it, so a
+tokenizer is trained on exactly the documents it will encode, and every format and error is the same for both.
+
 Formats, chosen by extension (a trailing ``.gz`` is decompressed on the fly for the text formats):
 
 * ``.jsonl`` / ``.ndjson``: one JSON object per line, the text under ``text_field``; blank lines are skipped.
