@@ -42,7 +42,8 @@ def add_generation_args(p) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens whose "
                                                              "probabilities reach p, 0 < p <= 1; 1 = off")
     p.add_argument("--repetition-penalty", type=float, default=None,
-                   help="divide the scores of tokens already in the text by this, > 0; 1 = off")
+                   help="penalise tokens already in the text (positive scores divided by it, negative ones "
+                        "multiplied), > 0; 1 = off")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
