@@ -320,7 +320,7 @@ def test_truncated_gguf_says_so(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_export_consolidate_run_dir_and_overwrite(story_dataset, tmp_path, capsys):
+def test_resume_modes_then_export_consolidate_run_dir_and_overwrite(story_dataset, tmp_path, capsys):
     run = tmp_path / "run"
     config = {
         "run_dir": str(run),
@@ -331,7 +331,10 @@ def test_export_consolidate_run_dir_and_overwrite(story_dataset, tmp_path, capsy
         "monitor": {"val_every": 2, "val_batches": 1, "peak_flops": 1e11, "progress": False, "tensorboard": False},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    assert main(["pretrain", str(tmp_path / "run.yaml")]) == 0
+    # the resume modes reach the trainer: must-resume with nothing to resume is an error, auto starts fresh
+    assert main(["pretrain", str(tmp_path / "run.yaml"), "--resume"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert main(["pretrain", "--resume=auto", str(tmp_path / "run.yaml")]) == 0
     out = tmp_path / "consolidated"
     assert main(["export", "consolidate", str(run), str(out)]) == 0
     assert (out / "model.safetensors").is_file()
