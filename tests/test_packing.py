@@ -226,6 +226,16 @@ def test_loader_eval_batches_cover_every_row_once_on_every_rank_count():
         assert sum(b["n_targets"] for rank in batches for b in rank) == total
     loader = loaders[0]
     assert loader.batch_in_epoch == 0 and len(list(loader.iter_eval_batches(max_batches=1))) == 1
+    # a validation set smaller than one step: fine for evaluation only
+    with pytest.raises(DataError, match="fewer than one optimizer step needs"):
+        SFTLoader(samples[:3], seq_len=24, micro_batch_size=8, pad_id=0)
+    for packing in (True, False):
+        small = SFTLoader(samples[:3], seq_len=24, micro_batch_size=8, pad_id=0, packing=packing, rank=1,
+                          world_size=2, eval_only=True, pad_to_multiple_of=4)
+        [filler] = list(small.iter_eval_batches())  # rank 1 gets no rows: padding only, nothing learned
+        assert filler["n_targets"] == 0 and filler["input_ids"].shape[1] % 4 == 0
+        with pytest.raises(TypeError, match="eval_only"):
+            next(small)
 
 
 def test_loader_errors():

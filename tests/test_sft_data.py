@@ -176,14 +176,15 @@ def test_instruction_field_errors_and_json_item_index(tmp_path):
 
 
 def test_skip_policy_counts_and_reports(chat, tmp_path, caplog):
-    path = _jsonl(tmp_path / "data.jsonl", [MESSAGES, '{"messages": [', {"messages": [{"role": "user", "content": "q"}]},
-                                            SHAREGPT | {"messages": None}])
+    no_answer = {"messages": [{"role": "user", "content": "q"}]}
+    path = _jsonl(tmp_path / "data.jsonl", [MESSAGES, '{"messages": [', no_answer, SHAREGPT | {"messages": None}])
     with pytest.raises(DataError, match="data.jsonl:2: malformed JSON"):
         load_sft_samples(path, chat, max_length=512)
     samples, stats = load_sft_samples(path, chat, max_length=512, on_error="skip")
     assert len(samples) == 1 and stats.records == 4 and stats.skipped == 3
     assert "3 skipped" in stats.summary() and "3 skipped" in caplog.text
-    assert stats.to_dict()["skip_reasons"]["field 'messages' has no assistant message, so there is nothing to learn"] == 1
+    reasons = stats.to_dict()["skip_reasons"]
+    assert reasons["field 'messages' has no assistant message, so there is nothing to learn"] == 1
     only_bad = _jsonl(tmp_path / "bad.jsonl", ['{"x": 1}'])
     with pytest.raises(DataError, match="no usable SFT samples: 1 records -> 0 samples"):
         load_sft_samples(only_bad, chat, max_length=512, on_error="skip")

@@ -139,7 +139,7 @@ class ChatTemplate:
     def _render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
                 ) -> tuple[str, list[tuple[int, int]]]:
         """Rendered text and the character spans of its ``{% generation %}`` blocks (empty for untagged templates)."""
-        if not self.tagged and self.name == "model":
+        if not self.tagged and self.source == self.tokenizer.chat_template:
             # The model's own untagged template renders through the tokenizer, the code every other forgeline
             # command prompts the model with.
             try:

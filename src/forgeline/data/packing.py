@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from forgeline.errors import ConfigError, DataError
-from forgeline.objectives.causal_lm import IGNORE_INDEX
+from forgeline.kernels.cross_entropy import IGNORE_INDEX
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,14 +48,18 @@ class TokenizedSample:
     """One training example: token ids and which of them are loss targets.
 
     ``loss_mask[i]`` says whether token ``i`` is learned (predicted from tokens ``< i``). Token 0 is never a target,
-    since nothing precedes it. Stored as numpy arrays: a Python list costs ~8x the memory per token.
+    since nothing precedes it. Stored as int32 / bool numpy arrays (5 bytes a token; a Python list costs ~40):
+    a data set is held in memory whole, so that it can be packed.
     """
 
     input_ids: np.ndarray
     loss_mask: np.ndarray
 
     def __post_init__(self) -> None:
-        ids = np.asarray(self.input_ids, dtype=np.int64)
+        ids = np.asarray(self.input_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
+            raise ValueError("token ids must lie in [0, 2**31)")
+        ids = ids.astype(np.int32, copy=False)
         mask = np.asarray(self.loss_mask, dtype=bool)
         if ids.ndim != 1 or mask.shape != ids.shape:
             raise ValueError(f"input_ids and loss_mask must be 1-D and equally long, got {ids.shape} and {mask.shape}")
@@ -185,6 +189,9 @@ class SFTLoader:
     Every epoch visits the rows in an order drawn from ``(seed, epoch)``; rank ``r`` of ``world_size`` takes its own
     ``micro_batch_size`` rows of every global micro-batch, as :class:`~forgeline.data.PackedTokenLoader` does, and
     an epoch ends on a whole optimizer step (``grad_accum_steps``), so no step mixes two epochs.
+
+    ``eval_only`` is for validation sets, which may be smaller than one optimizer step: only
+    :meth:`iter_eval_batches` is used, so the data need not fill a step.
     """
 
     def __init__(
@@ -201,6 +208,7 @@ class SFTLoader:
         shuffle: bool = True,
         grad_accum_steps: int = 1,
         pad_to_multiple_of: int = 1,
+        eval_only: bool = False,
     ):
         for name, value, low in (("seq_len", seq_len, 1), ("micro_batch_size", micro_batch_size, 1),
                                  ("world_size", world_size, 1), ("rank", rank, 0), ("seed", seed, 0),
@@ -230,7 +238,8 @@ class SFTLoader:
         self.global_batch_size = micro_batch_size * world_size
         step_rows = self.global_batch_size * grad_accum_steps
         self.batches_per_epoch = len(self.rows) // step_rows * grad_accum_steps
-        if self.batches_per_epoch == 0:
+        self.eval_only = bool(eval_only)
+        if self.batches_per_epoch == 0 and not self.eval_only:
             raise DataError(
                 f"{len(self.samples)} samples make {len(self.rows)} rows, fewer than one optimizer step needs "
                 f"({micro_batch_size} rows x {world_size} ranks x {grad_accum_steps} accumulation steps); "
@@ -250,6 +259,8 @@ class SFTLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if self.eval_only:
+            raise TypeError("an eval_only SFTLoader yields only iter_eval_batches()")
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch += 1
             self.batch_in_epoch = 0
@@ -262,8 +273,8 @@ class SFTLoader:
     def iter_eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, Any]]:
         """Every row once, in fixed order, sharded by rank; the training position is untouched.
 
-        The last global batch may be short; a rank left without rows gets a one-token batch with no targets, so all
-        ranks run the same number of steps (their collectives stay in step) and the loss sum is unchanged.
+        The last global batch may be short; a rank left without rows gets an all-padding batch with no targets, so
+        all ranks run the same number of steps (their collectives stay in step) and the loss sum is unchanged.
         """
         count = -(-len(self.rows) // self.global_batch_size)
         if max_batches is not None:
@@ -273,11 +284,15 @@ class SFTLoader:
             rows = list(range(first, min(first + self.micro_batch_size, len(self.rows))))
             if rows:
                 yield self._collate(rows)
-            else:
+            elif self.packing:
+                yield collate_packed([[]], self.seq_len, self.pad_id)
+            else:  # as short as a padded batch may be (tensor parallelism splits rows into pad_to_multiple_of)
+                n = self.pad_to_multiple_of
                 yield {
-                    "input_ids": torch.full((1, 1), self.pad_id, dtype=torch.int64),
-                    "targets": torch.full((1, 1), IGNORE_INDEX, dtype=torch.int64),
-                    "position_ids": torch.zeros((1, 1), dtype=torch.int64),
+                    "input_ids": torch.full((1, n), self.pad_id, dtype=torch.int64),
+                    "targets": torch.full((1, n), IGNORE_INDEX, dtype=torch.int64),
+                    "position_ids": torch.arange(n, dtype=torch.int64)[None],
+                    "attention_mask": torch.zeros((1, n), dtype=torch.int64),
                     "n_targets": 0,
                     "n_tokens": 0,
                 }

@@ -42,6 +42,8 @@ __all__ = [
     "SFTExample",
     "SFTFields",
     "SFTStats",
+    "detect_format",
+    "iter_file_records",
     "iter_sft_examples",
     "load_sft_samples",
     "record_to_messages",
