@@ -11,7 +11,7 @@ compared step by step) on the same token batches:
   `history` (each block of steps is one more `fit()` call on the same trainer). Differences in how bf16 is
   computed: under bf16 autocast on a CPU without AMX, forgeline runs the attention (SDPA) in fp32, HF in bf16; and
   where this CPU's fp32 units outrun its bf16 dot products (measured at start-up, `train.bf16_matmul=auto`, see
-  src/forgeline/train/bf16_matmul.py) forgeline computes the bf16 matrix products as fp32 GEMMs on the bf16 values:
+  src/forgeline/kernels/bf16_matmul.py) forgeline computes the bf16 matrix products as fp32 GEMMs on the bf16 values:
   the same products and fp32 sums, rounded to bf16 at the same points, on the faster units.
 
 Warm-up steps are excluded; the timed steps of the two frameworks are interleaved step by step in ABBA order

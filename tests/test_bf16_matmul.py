@@ -1,4 +1,4 @@
-"""bf16 products on the fp32 units (forgeline/train/bf16_matmul.py): the same function as bf16 autocast's GEMMs."""
+"""bf16 products on the fp32 units (forgeline/kernels/bf16_matmul.py): the same function as bf16 autocast's GEMMs."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from forgeline.model import ModelConfig, build_model
 from forgeline.objectives import causal_lm_loss
-from forgeline.objectives.causal_lm import fused_linear_cross_entropy
-from forgeline.train import bf16_matmul
-from forgeline.train.bf16_matmul import Bf16LinearOnFp32Units, bf16_autocast
+from forgeline.kernels.cross_entropy import fused_linear_cross_entropy
+from forgeline.kernels import bf16_matmul
+from forgeline.kernels.bf16_matmul import Bf16LinearOnFp32Units, bf16_autocast
 
 CPU = torch.device("cpu")
 

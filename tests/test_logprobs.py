@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from forgeline.objectives.causal_lm import IGNORE_INDEX
-from forgeline.objectives.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
+from forgeline.kernels.cross_entropy import IGNORE_INDEX
+from forgeline.kernels.logprobs import packed_sequence_logprobs, sequence_logprobs, token_logprobs
 
 
 def _reference(hidden, weight, targets):

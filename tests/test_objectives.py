@@ -4,12 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from forgeline.objectives.causal_lm import (
-    IGNORE_INDEX,
-    causal_lm_loss,
-    cross_entropy_sum,
-    fused_linear_cross_entropy,
-)
+from forgeline.kernels.cross_entropy import IGNORE_INDEX, cross_entropy_sum, fused_linear_cross_entropy
+from forgeline.objectives.causal_lm import causal_lm_loss
 
 
 def reference(hidden, weight, targets):
@@ -106,7 +102,7 @@ def test_out_of_range_target_raises():
 
 
 def test_no_grad_path_matches_reference(monkeypatch):
-    import forgeline.objectives.causal_lm as C
+    import forgeline.kernels.cross_entropy as C
 
     monkeypatch.setattr(C, "CHUNK_BYTES", 64 * 4 * 700)  # several chunks
     hidden, weight, targets = make(n=3000, vocab=700)
@@ -116,7 +112,7 @@ def test_no_grad_path_matches_reference(monkeypatch):
 
 def test_small_logits_take_the_plain_path(monkeypatch):
     """Logits that fit in one chunk gain nothing from fusion: the plain ops run, with their exact numerics."""
-    import forgeline.objectives.causal_lm as C
+    import forgeline.kernels.cross_entropy as C
 
     def fail(*args, **kwargs):
         raise AssertionError("the fused path ran")
@@ -131,7 +127,7 @@ def test_small_logits_take_the_plain_path(monkeypatch):
 
 def test_causal_lm_loss_gradients_match_plain_path(monkeypatch):
     """Through the model: every parameter's gradient equals the one from full logits + F.cross_entropy."""
-    import forgeline.objectives.causal_lm as C
+    import forgeline.kernels.cross_entropy as C
     from forgeline.model.config import ModelConfig
     from forgeline.model.transformer import build_model
 
@@ -161,7 +157,7 @@ def test_causal_lm_loss_gradients_match_plain_path(monkeypatch):
 
 def test_bf16_several_gradient_groups(monkeypatch):
     """Low precision keeps the logits' gradient per group of rows; several groups sum to the same gradients."""
-    import forgeline.objectives.causal_lm as C
+    import forgeline.kernels.cross_entropy as C
 
     hidden, weight, targets = make(n=300, d=64, vocab=512)
     run = lambda: loss_and_grads(lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_bytes=32 * 4 * 512),

@@ -133,7 +133,7 @@ class PipelineExecutor(StepExecutor):
         return cls(self.pipeline_stages[0], **kwargs)
 
     def _stage_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from ..objectives.causal_lm import cross_entropy_sum
+        from ..kernels.cross_entropy import cross_entropy_sum
 
         loss = cross_entropy_sum(hidden, self.last_module.output.weight, targets)
         return loss * self.scale

@@ -23,7 +23,7 @@ from ..parallel.layout import resolve_layout
 from .checkpoint import latest_checkpoint, list_checkpoints, print_stderr, select_checkpoint
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown, unwrap
 from ..model.pretrained import save_pretrained
-from . import bf16_matmul
+from ..kernels import bf16_matmul
 from .trainer import StepExecutor, Trainer, TrainResult
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ from torch import nn
 
 from ..config import CheckpointConfig, MonitorConfig, StabilityConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError
-from .bf16_matmul import bf16_autocast
+from ..kernels.bf16_matmul import bf16_autocast
 from .checkpoint import FullCheckpointer, latest_checkpoint, select_checkpoint
 from .distributed import DistInfo, all_reduce_sum, unwrap
 from .monitor import RunLogger, device_peak_flops, memory_stats
@@ -71,7 +70,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast for the forward pass; parameters, gradients and optimizer state stay fp32 (master weights).
-    On CPUs whose fp32 units outrun their bf16 ones, the bf16 products run there (train/bf16_matmul.py)."""
+    On CPUs whose fp32 units outrun their bf16 ones, the bf16 products run there (kernels/bf16_matmul.py)."""
     if precision == "bf16":
         return bf16_autocast(device)
     return contextlib.nullcontext()
@@ -142,8 +141,9 @@ PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 class StopRequest:
-    """Records a preemption signal for the loop to act on between steps. A second signal stops the process at once,
-    as it would have without the handler."""
+    """Records a preemption signal for the loop to act on between steps. Later signals change nothing: one signal
+    often arrives twice (Slurm signals every process of a step, and torchrun forwards what it got to its workers).
+    SIGKILL or Ctrl-C (SIGINT, not handled here) stop the process at once."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -158,11 +158,8 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            self.uninstall()
-            os.kill(os.getpid(), signum)
-            return
-        self.signum = signum  # no printing here: the handler may interrupt a write to the same stream
+        if self.signum is None:
+            self.signum = signum  # no printing here: the handler may interrupt a write to the same stream
 
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():

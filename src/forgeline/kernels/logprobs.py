@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .causal_lm import IGNORE_INDEX, _chunk_rows, _compute_dtype, _is_plain
+from .cross_entropy import IGNORE_INDEX, _chunk_rows, _compute_dtype, _is_plain
 
 
 class LinearTokenLogprobs(torch.autograd.Function):
