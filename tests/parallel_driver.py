@@ -3,13 +3,14 @@
     python -m torch.distributed.run --nproc_per_node N tests/parallel_driver.py SPEC.json
 
 SPEC.json: {"config": BASE.yaml, "runs": [{"name", "overrides": [...], "resume_from": NAME or null,
-"spike_at": micro-batch index or null}, ...], "root": DIR}. Each run writes DIR/NAME like a normal run; a run with
-`resume_from` starts from a copy of that run's directory with its last checkpoint removed and continues with
---resume. Starting torchrun once for many layouts saves its ~5 s start-up per layout on the 2-core CI machine.
+"damage_latest": bool, "spike_at": micro-batch index or null}, ...], "root": DIR}. Each run writes DIR/NAME like a
+normal run; a run with `resume_from` starts from a copy of that run's directory with its last checkpoint removed (with
+`damage_latest`: kept, but its largest file cut in half) and continues with --resume. Starting torchrun once for many layouts saves its ~5 s start-up per layout on the 2-core CI machine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -28,22 +29,26 @@ def spiking_loss(spike_at: int):
     calls = {"n": 0}
 
     def loss_fn(model, batch):
-        loss, metrics = causal_lm_loss(model, batch)
+        out = causal_lm_loss(model, batch)
         if calls["n"] == spike_at:
-            loss = loss * 10.0
+            out = dataclasses.replace(out, loss=out.loss * 10.0)
         calls["n"] += 1
-        return loss, metrics
+        return out
 
     return loss_fn
 
 
-def prepare_resume(root: Path, name: str, source: str) -> None:
+def prepare_resume(root: Path, name: str, source: str, damage_latest: bool = False) -> None:
     target = root / name
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(root / source, target)
     checkpoints = sorted((target / "checkpoints").glob("step_*"))
-    shutil.rmtree(checkpoints[-1])  # continue from the one before the end
+    if damage_latest:  # --resume must find the damage and continue from the one before
+        largest = max((p for p in checkpoints[-1].rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    else:
+        shutil.rmtree(checkpoints[-1])  # continue from the one before the end
     shutil.rmtree(target / "model", ignore_errors=True)
 
 
@@ -54,7 +59,7 @@ def main() -> None:
     try:
         for run in spec["runs"]:
             if run.get("resume_from") and dist.is_main:
-                prepare_resume(root, run["name"], run["resume_from"])
+                prepare_resume(root, run["name"], run["resume_from"], bool(run.get("damage_latest")))
             barrier()
             cfg = load_config(PretrainConfig, spec["config"], [f"run_dir={root / run['name']}", *run["overrides"]])
             pretrain_module.causal_lm_loss = (spiking_loss(run["spike_at"]) if run.get("spike_at") is not None

@@ -7,6 +7,7 @@ The damage is real: bytes cut off, zeroed, flipped or deleted in checkpoints tha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +28,7 @@ from forgeline.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from forgeline.train.optim import WarmupCosineSchedule
+from forgeline.train.optim import LRSchedule
 from forgeline.train.stability import TrainingDiverged
 
 from test_pretrain import losses, write_config  # noqa: E402
@@ -294,8 +295,8 @@ def test_resume_with_another_schedule_says_how_the_learning_rate_changes(trained
     capsys.readouterr()
     assert main(["pretrain", str(cfg), "--resume", "train.max_steps=20", "train.lr=2e-3"]) == 0
     err = capsys.readouterr().err
-    old = WarmupCosineSchedule(3e-3, 2, 12, 0.1).lr_at(8)
-    new = WarmupCosineSchedule(2e-3, 2, 20, 0.1).lr_at(8)
+    old = LRSchedule(3e-3, 2, 12, 0.1).lr_at(8)
+    new = LRSchedule(2e-3, 2, 20, 0.1).lr_at(8)
     assert (f"resume: train.lr 0.003 -> 0.002, train.max_steps 12 -> 20; the learning rate at step 8 changes from "
             f"{old:.1e} to {new:.1e}") in err, err
     lr_at_9 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -343,8 +344,8 @@ class SpikeLoader:
 
 
 def spiking_loss(model, batch):
-    loss, metrics = causal_lm_loss(model, batch)
-    return (loss * 10 if batch["spike"] else loss), metrics
+    out = causal_lm_loss(model, batch)
+    return dataclasses.replace(out, loss=out.loss * 10 if batch["spike"] else out.loss)
 
 
 def test_the_rollback_count_survives_a_resume(tmp_path, story_dataset):

@@ -1,5 +1,6 @@
 """The one training loop: update invariance, schedule, checkpoints, stability (NaN skip, spike rollback)."""
 
+import dataclasses
 import copy
 import json
 import math
@@ -13,7 +14,7 @@ from forgeline.model import ModelConfig, build_model
 from forgeline.objectives import causal_lm_loss
 from forgeline.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from forgeline.train.distributed import DistInfo
-from forgeline.train.optim import WarmupCosineSchedule, param_groups
+from forgeline.train.optim import LRSchedule, param_groups, resolve_schedule
 from forgeline.train.stability import TrainingDiverged
 from forgeline.train.trainer import Trainer
 
@@ -89,7 +90,7 @@ def test_update_is_the_same_for_any_micro_batch_accumulation_split(tmp_path):
 
 
 def test_warmup_then_cosine_to_min_lr():
-    s = WarmupCosineSchedule(lr=1.0, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
+    s = LRSchedule(lr=1.0, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
     assert s.lr_at(0) == pytest.approx(0.1)
     assert s.lr_at(9) == pytest.approx(1.0)
     assert s.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5)
@@ -97,6 +98,29 @@ def test_warmup_then_cosine_to_min_lr():
     assert s.lr_at(500) == pytest.approx(0.1)
     lrs = [s.lr_at(i) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_linear_and_constant_schedules():
+    linear = LRSchedule(lr=1.0, warmup_steps=10, decay_steps=110, min_lr_ratio=0.0, shape="linear")
+    assert linear.lr_at(9) == pytest.approx(1.0)
+    assert linear.lr_at(60) == pytest.approx(0.5)
+    assert linear.lr_at(110) == pytest.approx(0.0)
+    constant = LRSchedule(lr=1.0, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1, shape="constant")
+    assert constant.lr_at(4) == pytest.approx(0.5)
+    assert [constant.lr_at(i) for i in (10, 60, 500)] == [1.0, 1.0, 1.0]
+
+
+def test_epochs_and_warmup_ratio_resolve_to_steps():
+    from forgeline.config import TrainConfig
+
+    train = resolve_schedule(TrainConfig(max_steps=None, epochs=3, warmup_ratio=0.03), steps_per_epoch=70)
+    assert train.max_steps == 210 and train.warmup_steps == 7  # ceil(0.03 * 210)
+    half = resolve_schedule(TrainConfig(max_steps=None, epochs=0.5, warmup_ratio=0.0), steps_per_epoch=7)
+    assert half.max_steps == 4 and half.warmup_steps == 0
+    explicit = resolve_schedule(TrainConfig(max_steps=50, epochs=3, warmup_steps=5), steps_per_epoch=70)
+    assert explicit.max_steps == 50 and explicit.warmup_steps == 5  # a set max_steps wins over epochs
+    with pytest.raises(ValueError, match="epochs"):
+        resolve_schedule(TrainConfig(max_steps=None, epochs=1), steps_per_epoch=None)
 
 
 def test_weight_decay_only_on_linear_weights():
@@ -157,8 +181,8 @@ def test_nonfinite_loss_skips_the_update_and_the_run_completes(tmp_path):
     batches[1] = dict(batches[1], poison=True)  # the second step's only micro-batch
 
     def loss_fn(model, batch):
-        loss, metrics = causal_lm_loss(model, batch)
-        return (loss * float("nan") if batch["poison"] else loss), metrics
+        out = causal_lm_loss(model, batch)
+        return dataclasses.replace(out, loss=out.loss * float("nan") if batch["poison"] else out.loss)
 
     model = small_model()
     seen = []

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..train.trainer import StepExecutor, to_device
+from ..train.executor import StepExecutor, StepTotals, to_device
 from .checkpoint import begin_multirank_save, finish_multirank_save, write_rank_and_run_state
 
 TAG = "deepspeed"
@@ -61,25 +61,21 @@ class DeepSpeedExecutor(StepExecutor):
         self.dp_size = world_size
 
     def forward_backward(self, model, loss_fn, micro_batches, *, scale, precision, device):
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        metric_sums: dict[str, float] = {}
+        totals = StepTotals()
         self.engine.module.loss_fn = loss_fn
         for batch in micro_batches:
             # no autocast: with train.precision=bf16 DeepSpeed holds bf16 parameters (fp32 master copies in the
             # optimizer) and the model computes in bf16 directly
-            loss, metrics = self.engine(to_device(batch, device))
+            out = self.engine(to_device(batch, device))
             # our scale already turns DeepSpeed's mean over ranks into the mean over the step's targets
-            self.engine.backward(loss * scale, scale_wrt_gas=False)
-            loss_sum += loss.detach().double().cpu()
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-        return loss_sum, metric_sums
+            self.engine.backward(out.loss * scale, scale_wrt_gas=False)
+            totals.add(out)
+        return totals
 
     @torch.no_grad()
     def evaluate(self, model, loss_fn, batch, *, precision, device):
         self.engine.module.loss_fn = loss_fn
-        loss, _ = self.engine(to_device(batch, device))
-        return loss.detach().double().cpu()
+        return self.engine(to_device(batch, device)).loss.detach().double().cpu()
 
     def clip_grad_norm(self, params, max_norm) -> float:
         # The norm DeepSpeed's step will clip with (ZeRO-3's partitioned gradients, all-reduced).

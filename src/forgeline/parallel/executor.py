@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from ..train.trainer import StepExecutor, autocast_context, to_device
+from ..train.executor import StepExecutor, StepTotals, autocast_context, batch_tokens, to_device
 from .layout import Layout
 
 
@@ -135,13 +135,17 @@ class PipelineExecutor(StepExecutor):
     def _stage_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from ..kernels.cross_entropy import cross_entropy_sum
 
-        loss = cross_entropy_sum(hidden, self.last_module.output.weight, targets)
+        loss = cross_entropy_sum(hidden, self.last_module.lm_head_weight(), targets)
         return loss * self.scale
 
-    def _check_loss_fn(self, loss_fn) -> None:
+    def supports(self, objective) -> bool:
+        """Only objectives whose loss the last stage computes from its hidden states and the targets alone."""
         from ..objectives import causal_lm_loss
 
-        if loss_fn is not causal_lm_loss:
+        return objective is causal_lm_loss
+
+    def _check_loss_fn(self, loss_fn) -> None:
+        if not self.supports(loss_fn):
             raise ConfigError(f"pipeline parallelism supports the causal LM objective only, not {loss_fn!r}: the "
                               "loss must be computable from the last stage's hidden states")
 
@@ -161,12 +165,13 @@ class PipelineExecutor(StepExecutor):
     def forward_backward(self, model, loss_fn, micro_batches, *, scale, precision, device):
         self._check_loss_fn(loss_fn)
         self.scale = scale
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        totals = StepTotals()
         for batch in micro_batches:
             batch = to_device(batch, device)
             with autocast_context(device, precision):
-                loss_sum += self._run(batch, train=True)
-        return loss_sum, {}
+                totals.loss += self._run(batch, train=True)
+            totals.tokens += batch_tokens(batch)
+        return totals
 
     @torch.no_grad()
     def evaluate(self, model, loss_fn, batch, *, precision, device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on the matmul weights only, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decoupled weight decay on the matmul weights only, and the warmup + decay learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -44,20 +44,36 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-class WarmupCosineSchedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio` at
-    `decay_steps`, constant after. Stateless apart from the step, so resuming restores it exactly."""
+class LRSchedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine or linear decay to `lr * min_lr_ratio` at
+    `decay_steps` (constant after), or no decay at all. Stateless apart from the step, so resuming restores it
+    exactly."""
 
-    def __init__(self, lr: float, warmup_steps: int, decay_steps: int, min_lr_ratio: float):
-        self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
+    SHAPES = ("cosine", "linear", "constant")
+
+    def __init__(self, lr: float, warmup_steps: int, decay_steps: int, min_lr_ratio: float, shape: str = "cosine"):
+        if shape not in self.SHAPES:
+            raise ValueError(f"schedule must be one of {', '.join(self.SHAPES)}, got {shape!r}")
+        self.lr, self.warmup_steps, self.min_lr_ratio, self.shape = lr, warmup_steps, min_lr_ratio, shape
         self.decay_steps = max(decay_steps, warmup_steps + 1)
         self.step = 0
+
+    @classmethod
+    def from_config(cls, train) -> "LRSchedule":
+        if train.max_steps is None:
+            raise ValueError("train.max_steps is not resolved: call resolve_schedule(train, steps_per_epoch) first")
+        return cls(train.lr, train.warmup_steps, train.decay_steps or train.max_steps, train.min_lr_ratio,
+                   getattr(train, "schedule", "cosine"))
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
+        if self.shape == "constant":
+            return self.lr
         progress = min(1.0, (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps))
         min_lr = self.lr * self.min_lr_ratio
+        if self.shape == "linear":
+            return self.lr - (self.lr - min_lr) * progress
         return min_lr + 0.5 * (self.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer) -> float:
@@ -72,7 +88,20 @@ class WarmupCosineSchedule:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "lr": self.lr, "warmup_steps": self.warmup_steps,
-                "decay_steps": self.decay_steps, "min_lr_ratio": self.min_lr_ratio}
+                "decay_steps": self.decay_steps, "min_lr_ratio": self.min_lr_ratio, "shape": self.shape}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+def resolve_schedule(train, steps_per_epoch: int | None):
+    """A TrainConfig with its step counts made concrete: `max_steps` from `epochs` (when max_steps is unset) and
+    `warmup_steps` from `warmup_ratio`. Stages without epochs (pre-training) pass steps_per_epoch=None."""
+    max_steps = train.max_steps
+    if max_steps is None:
+        if steps_per_epoch is None:
+            raise ValueError("train.epochs needs a data set with a known number of steps per epoch")
+        max_steps = max(1, math.ceil(train.epochs * steps_per_epoch))
+    warmup = train.warmup_steps if train.warmup_ratio is None else math.ceil(train.warmup_ratio * max_steps)
+    warmup = min(warmup, max_steps - 1) if max_steps > 1 else 0
+    return train.model_copy(update={"max_steps": max_steps, "warmup_steps": warmup})

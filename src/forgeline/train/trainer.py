@@ -1,18 +1,17 @@
 """The one training loop.
 
 Every stage (pre-training, SFT, reward modelling, DPO, ORPO, ...) runs through `Trainer.fit`. What differs between
-them is a loss function and the collator that builds its batches, never a subclass:
+them is an objective and the collator that builds its batches, never a subclass:
 
-    loss_fn(model, batch) -> (summed loss over the batch's targets, {metric: float})
+    objective(model, batch) -> LossOutput(loss summed over the batch's units, count, tokens, metric sums)
 
-with `batch["n_targets"]` the number of targets the collator put in the batch. The trainer divides by the number of
-targets in the whole optimizer step (all accumulation micro-batches on all ranks), so an update is the same whatever
-the micro-batch / accumulation / rank split.
+(train/executor.py has the contract). The trainer divides by the number of units in the whole optimizer step (all
+accumulation micro-batches on all ranks), so an update is the same whatever the micro-batch / accumulation / rank
+split; metrics are reduced the same way, and tokens/s and MFU count the tokens processed, not the loss targets.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import signal
@@ -29,17 +28,16 @@ from torch import nn
 
 from ..config import CheckpointConfig, MonitorConfig, StabilityConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError
-from ..kernels.bf16_matmul import bf16_autocast
 from .checkpoint import FullCheckpointer, latest_checkpoint, select_checkpoint
 from .distributed import DistInfo, all_reduce_sum, unwrap
+from .executor import Objective, StepExecutor, count_key
 from .monitor import RunLogger, device_peak_flops, memory_stats
-from .optim import WarmupCosineSchedule, build_optimizer
+from .optim import LRSchedule, build_optimizer
 from .stability import SpikeDetector, TrainingDiverged
 
 # The TrainConfig fields the learning-rate schedule is computed from (absent ones are skipped).
 SCHEDULE_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "max_steps", "decay_steps", "min_lr_ratio")
 
-LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
@@ -62,77 +60,6 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     preempted: str | None = None  # the signal's name ("SIGTERM") when a signal stopped the run early
     checkpoint: Path | None = None  # the newest checkpoint this run wrote (rank 0; None on ranks that write none)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast for the forward pass; parameters, gradients and optimizer state stay fp32 (master weights).
-    On CPUs whose fp32 units outrun their bf16 ones, the bf16 products run there (kernels/bf16_matmul.py)."""
-    if precision == "bf16":
-        return bf16_autocast(device)
-    return contextlib.nullcontext()
-
-
-class StepExecutor:
-    """How one optimizer step's micro-batches run forward and backward; the trainer's loop is the same for every
-    layout.
-
-    This default holds a whole model per rank (one process, or DDP, whose gradient sync happens on the last
-    micro-batch only). `forgeline.parallel` supplies the FSDP2 / tensor-parallel and the pipeline executors.
-
-    dp_size: ranks that see different data (DDP and FSDP average gradients over them).
-    counts_targets / reports_loss: whether this rank's target count / loss sum enter the global sums (False on
-    ranks that repeat a peer's batch, e.g. the other tensor-parallel ranks, or hold no loss, e.g. early pipeline
-    stages).
-    """
-
-    dp_size: int = 1
-    counts_targets: bool = True
-    reports_loss: bool = True
-
-    def __init__(self, dist: DistInfo | None = None):
-        self.dp_size = dist.world_size if dist is not None else 1
-
-    def forward_backward(self, model: nn.Module, loss_fn: LossFn, micro_batches: list[dict[str, Any]], *,
-                         scale: float, precision: str, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
-        """Backward of `scale` x the summed loss of every micro-batch; returns (summed loss, summed metrics)."""
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        metric_sums: dict[str, float] = {}
-        is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        for i, batch in enumerate(micro_batches):
-            batch = to_device(batch, device)
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if (last or not is_ddp) else model.no_sync()
-            with sync:
-                with autocast_context(device, precision):
-                    loss, metrics = loss_fn(model, batch)
-                (loss * scale).backward()
-            loss_sum += loss.detach().double().cpu()
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-        return loss_sum, metric_sums
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loss_fn: LossFn, batch: dict[str, Any], *, precision: str,
-                 device: torch.device) -> torch.Tensor:
-        """The summed loss of one evaluation batch (no gradient)."""
-        with autocast_context(device, precision):
-            loss, _ = loss_fn(model, to_device(batch, device))
-        return loss.detach().double().cpu()
-
-    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> float:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True))
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Discard this step's gradients (non-finite loss or gradient norm)."""
-        optimizer.zero_grad(set_to_none=True)
 
 
 # SIGUSR1 is what Slurm sends ahead of a time limit (`#SBATCH --signal=USR1@120`); SIGTERM what Slurm, Kubernetes
@@ -179,7 +106,7 @@ class Trainer:
         self,
         *,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: Objective,
         train_loader: StatefulLoader,
         train: TrainConfig,
         checkpoint: CheckpointConfig,
@@ -209,15 +136,16 @@ class Trainer:
         self.eval_fn = eval_fn
         self.sample_fn = sample_fn
         self.executor = executor or StepExecutor(dist)
+        if not self.executor.supports(loss_fn):
+            raise ConfigError(f"{getattr(loss_fn, '__name__', loss_fn)!r} cannot run under this layout "
+                              f"({type(self.executor).__name__}); choose another parallel layout")
         # Full checkpoints (safetensors, written by rank 0) for whole-model layouts; forgeline.parallel passes a
         # sharded (DCP) one. Both read either format, so a run may resume under another layout.
         self.checkpointer = checkpointer or FullCheckpointer()
         self.optimizer = optimizer or build_optimizer(
             unwrap(model), lr=train.lr, weight_decay=train.weight_decay, betas=train.betas, eps=train.eps
         )
-        self.schedule = WarmupCosineSchedule(
-            train.lr, train.warmup_steps, train.decay_steps or train.max_steps, train.min_lr_ratio
-        )
+        self.schedule = LRSchedule.from_config(train)
         self.detector = SpikeDetector(stability)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
@@ -306,21 +234,28 @@ class Trainer:
 
     # -- one optimizer step --------------------------------------------------------------------------------------
 
-    def _forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[float, dict[str, float], int]:
+    def _forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[float, dict[str, float], int, int]:
+        """Forward and backward of one step; returns the global mean loss, the global mean metrics, the units the
+        loss is normalised by and the tokens processed, all summed over micro-batches and ranks."""
         ex = self.executor
-        n_local = sum(int(b["n_targets"]) for b in micro_batches) if ex.counts_targets else 0
+        key = count_key(self.loss_fn)
+        n_local = sum(int(b[key]) for b in micro_batches) if ex.counts_targets else 0
         n_global = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.float64)).item())
         if n_global == 0:
-            return float("nan"), {}, 0
+            return float("nan"), {}, 0, 0
         # DDP and FSDP average gradients over the data-parallel ranks; scaling by their number turns that back into
-        # a sum over all targets.
+        # a sum over all units.
         scale = ex.dp_size / n_global
-        loss_sum, metric_sums = ex.forward_backward(self.model, self.loss_fn, micro_batches, scale=scale,
-                                                    precision=self.cfg.precision, device=self.dist.device)
-        if not ex.reports_loss:
-            loss_sum = torch.zeros((), dtype=torch.float64)
-        global_loss = float(all_reduce_sum(loss_sum).item()) / n_global
-        return global_loss, metric_sums, n_global
+        totals = ex.forward_backward(self.model, self.loss_fn, micro_batches, scale=scale,
+                                     precision=self.cfg.precision, device=self.dist.device)
+        # one reduction for the loss, the tokens and every metric (objectives report the same names every batch)
+        names = sorted(totals.metrics)
+        local = torch.tensor([float(totals.loss) if ex.reports_loss else 0.0,
+                              float(totals.tokens) if ex.counts_targets else 0.0,
+                              *[totals.metrics[k] if ex.reports_loss else 0.0 for k in names]], dtype=torch.float64)
+        summed = all_reduce_sum(local).tolist()
+        metrics = {k: v / n_global for k, v in zip(names, summed[2:])}
+        return summed[0] / n_global, metrics, n_global, int(summed[1])
 
     def _clip(self) -> float:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
@@ -401,7 +336,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = self.schedule.apply(self.optimizer)
                 micro_batches = [next(self.loader) for _ in range(self.grad_accum_steps)]
-                loss, metric_sums, n_targets = self._forward_backward(micro_batches)
+                loss, step_metrics, n_units, n_tokens = self._forward_backward(micro_batches)
                 grad_norm = self._clip()
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self.executor.skip_step(self.optimizer)
@@ -431,15 +366,16 @@ class Trainer:
                 train_seconds += dt
                 self.schedule.advance()
                 self.step += 1
-                self.tokens_seen += n_targets
-                self._tokens_this_run += n_targets
+                self.tokens_seen += n_tokens
+                self._tokens_this_run += n_tokens
                 if self.step % self.mon_cfg.log_every == 0 or self.step == cfg.max_steps:
-                    tokens_per_s = n_targets / dt
+                    tokens_per_s = n_tokens / dt
                     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": self.tokens_seen,
-                               "tokens_per_s": tokens_per_s, "step_time_s": dt}
+                               "step_tokens": n_tokens, "loss_units": n_units, "tokens_per_s": tokens_per_s,
+                               "step_time_s": dt}
                     if self.flops_per_token:
                         metrics["mfu"] = self.flops_per_token * tokens_per_s / (peak * self.dist.world_size)
-                    metrics.update({k: v / len(micro_batches) for k, v in metric_sums.items()})
+                    metrics.update(step_metrics)
                     metrics.update(memory_stats(self.dist.device))
                     logger.log(self.step, metrics)
                 if self.eval_fn is not None and (self.step % self.mon_cfg.val_every == 0 or self.step == cfg.max_steps):
