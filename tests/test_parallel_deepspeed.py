@@ -1,4 +1,5 @@
-"""The DeepSpeed ZeRO-3 backend on CPU (gloo, DS_ACCELERATOR=cpu): the same losses as one process, resume, export.
+"""The DeepSpeed ZeRO-3 backend on CPU (gloo, DS_ACCELERATOR=cpu): the same losses as one process, resume (also past a
+damaged newest checkpoint), export.
 
 The first run on a machine JIT-compiles DeepSpeed's CPU communication op (about a minute); the build is cached in
 the repository's .cache/torch_extensions (git-ignored), so later runs take about 10 s per launch.
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from forgeline.cli import main
+from forgeline.train.checkpoint import verify_checkpoint
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_parallel import ENV, REPO, TOL, assert_close_losses, launch, read_metrics, write_base  # noqa: E402
@@ -30,14 +32,21 @@ def test_deepspeed_zero3_matches_one_process_resumes_and_exports(tmp_path, story
     base = write_base(tmp_path / "base.yaml", story_dataset)
     assert main(["pretrain", str(base), f"run_dir={tmp_path / 'single'}"]) == 0
     launch(2, base, tmp_path, [{"name": "ds", "overrides": DS},
-                               {"name": "ds_resumed", "overrides": DS, "resume_from": "ds"}], timeout=1200)
+                               {"name": "ds_resumed", "overrides": DS, "resume_from": "ds"},
+                               {"name": "ds_damaged", "overrides": DS, "resume_from": "ds", "damage_latest": True}],
+           timeout=1200)
     want, want_val = read_metrics(tmp_path / "single")
-    for name in ("ds", "ds_resumed"):
+    for name in ("ds", "ds_resumed", "ds_damaged"):
         got, got_val = read_metrics(tmp_path / name)
         assert_close_losses(got, want, name)
         assert_close_losses(got_val, want_val, name + " (validation)")
     ckpt = tmp_path / "ds" / "checkpoints" / "step_00000004"
     assert (ckpt / "deepspeed").is_dir() and json.loads((ckpt / "meta.json").read_text())["format"] == "deepspeed"
+    # the manifest covers DeepSpeed's own files; the damaged step 4 was set aside and redone from step 2
+    manifest = json.loads((ckpt / "manifest.json").read_text())["files"]
+    assert any(name.startswith("deepspeed/") for name in manifest) and "rng/rank_00001.safetensors" in manifest
+    assert (tmp_path / "ds_damaged" / "checkpoints" / "step_00000004.corrupt").is_dir()
+    verify_checkpoint(tmp_path / "ds_damaged" / "checkpoints" / "step_00000004")
 
     # the run's final model is the consolidated ZeRO-3 checkpoint: the single process's weights
     from safetensors.torch import load_file

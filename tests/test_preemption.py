@@ -1,7 +1,7 @@
-"""Preemption: SIGTERM / SIGUSR1 sent to a real `python -m forgeline pretrain` finish the step, write a checkpoint and
-exit 0, and `--resume=auto` continues exactly; under torchrun a signal to one rank stops every rank after the same
-step. The sharded (DCP) checkpoint such a run leaves is then damaged on purpose: resuming passes over it to the
-newest intact one.
+"""Preemption: SIGTERM / SIGUSR1 sent to a real `python -m forgeline pretrain` (once or twice) finish the step, write
+a checkpoint and exit 0, and `--resume=auto` continues exactly; under torchrun a signal to one rank stops every rank
+after the same step. The sharded (DCP) checkpoint such a run leaves is then damaged on purpose: resuming passes over
+it to the newest intact one.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_auto_continues
     try:
         wait_for_steps(proc, run, 5)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)  # delivered twice, as under Slurm + torchrun: still one clean stop
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
