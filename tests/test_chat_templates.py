@@ -69,7 +69,7 @@ def tokenizer_dirs(tmp_path_factory, shared_data):
     }
     gguf = _smollm2_gguf()
     if gguf is not None:
-        from forgeline.model.gguf import load_gguf
+        from forgeline.model.formats.gguf import load_gguf
 
         load_gguf(gguf, load_tokenizer=True).tokenizer.save(root / "smollm2")
         dirs["smollm2"] = root / "smollm2"

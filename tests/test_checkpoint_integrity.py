@@ -19,15 +19,10 @@ from forgeline.cli import main
 from forgeline.config import CheckpointConfig, PretrainConfig, StabilityConfig, load_config
 from forgeline.errors import CheckpointError, ConfigError, CorruptCheckpointError, ForgelineError
 from forgeline.objectives import causal_lm_loss
-from forgeline.train import checkpoint as ckpt_module
-from forgeline.train.checkpoint import (
-    MANIFEST_NAME,
-    find_intact_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from forgeline import files as files_module
+from forgeline.files import MANIFEST_NAME
+from forgeline.model.formats.checkpoint import find_intact_checkpoint, list_checkpoints, verify_checkpoint
+from forgeline.train.checkpoint import load_checkpoint, save_checkpoint
 from forgeline.train.optim import LRSchedule
 from forgeline.train.stability import TrainingDiverged
 
@@ -129,7 +124,7 @@ def test_a_truncated_safetensors_file_is_caught_by_its_header_without_a_manifest
 
 
 def test_files_over_the_hash_limit_are_checked_by_size_and_header_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt_module, "HASH_LIMIT", 1)
+    monkeypatch.setattr(files_module, "HASH_LIMIT", 1)
     model = small_model()
     trainer = make_trainer(model, ListLoader([]), tmp_path / "train")
     path = save_checkpoint(tmp_path / "ckpts", 1, model=model, optimizer=trainer.optimizer, trainer_state={},
@@ -176,23 +171,23 @@ def test_damaged_checkpoints_are_renamed_and_ignored_by_listing_and_pruning(tmp_
 
 
 def test_model_dirs_get_a_manifest_and_older_ones_still_load(tmp_path):
-    from forgeline.model.pretrained import load_pretrained, save_pretrained
+    from forgeline.model.formats.model_dir import read_model_dir, save_model_dir
 
     model = small_model()
-    out = save_pretrained(model, None, tmp_path / "model")
+    out = save_model_dir(model, None, tmp_path / "model")
     assert set(json.loads((out / MANIFEST_NAME).read_text())["files"]) == {"model.safetensors",
                                                                            "forgeline_config.json"}
-    load_pretrained(out)
+    read_model_dir(out)
     _flip_last_byte(out / "model.safetensors")
     with pytest.raises(CorruptCheckpointError, match="model.safetensors has changed since it was written"):
-        load_pretrained(out)
-    out = save_pretrained(model, None, tmp_path / "older")
+        read_model_dir(out)
+    out = save_model_dir(model, None, tmp_path / "older")
     (out / MANIFEST_NAME).unlink()  # as written before manifests, or by `forgeline import`
-    loaded = load_pretrained(out)
+    loaded = read_model_dir(out).model
     assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(), model.parameters()))
     _truncate(out / "model.safetensors")
     with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
-        load_pretrained(out)
+        read_model_dir(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,7 +253,7 @@ def _config(cfg_file: Path, *overrides: str) -> PretrainConfig:
 
 
 def test_resume_modes(tmp_path, story_dataset, capsys):
-    from forgeline.train.pretrain import pretrain
+    from forgeline.recipes.pretrain import pretrain
 
     run = tmp_path / "run"
     cfg_file = write_config(tmp_path / "run.yaml", story_dataset, run, train={"max_steps": 4},

@@ -19,7 +19,7 @@ from forgeline.config import (DataPrepareConfig, PretrainConfig, TokenizerTrainC
                               parse_overrides)
 from forgeline.errors import ConfigError
 from forgeline.model import ModelConfig, build_model
-from forgeline.model.pretrained import save_pretrained
+from forgeline.model.formats.model_dir import save_model_dir
 
 from test_generate import make_tokenizer
 
@@ -82,7 +82,7 @@ def test_two_configs_are_refused(capsys):
 
 @pytest.fixture
 def fake_pretrain(monkeypatch, tmp_path):
-    import forgeline.train.pretrain as module
+    import forgeline.recipes.pretrain as module
 
     calls = []
 
@@ -199,7 +199,7 @@ def model_dir(tmp_path_factory):
     cfg = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=256,
                       init_std=0.2)
     path = tmp_path_factory.mktemp("ux") / "model"
-    save_pretrained(build_model(cfg).eval(), make_tokenizer(), path)
+    save_model_dir(build_model(cfg).eval(), make_tokenizer(), path)
     return path
 
 
@@ -218,7 +218,7 @@ def mute_model_dir(tmp_path_factory):
         model.output.weight.zero_()
         model.output.weight[2, 0] = 1.0
     path = tmp_path_factory.mktemp("mute") / "model"
-    save_pretrained(model, make_tokenizer(), path)
+    save_model_dir(model, make_tokenizer(), path)
     return path
 
 
@@ -296,7 +296,7 @@ def test_tokenizer_train_cli_is_quiet_and_reads_json_and_parquet(tmp_path, capfd
 
 def test_truncated_gguf_says_so(tmp_path, capsys):
     pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
-    from forgeline.model.gguf import write_gguf
+    from forgeline.model.formats.gguf import write_gguf
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)

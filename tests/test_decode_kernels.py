@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from forgeline import kernels
 from forgeline.model import ModelConfig, build_model
-import forgeline.model.generate as generate_module
+import forgeline.model.inference.generate as generate_module
 from forgeline.model.decode import NativeDecoder
-from forgeline.model.generate import generate
+from forgeline.model.inference.generate import generate
 from forgeline.model.transformer import rope_cos_sin
 
 # Only a machine that cannot build them skips; where a C compiler exists on Linux a failed build fails the tests.
@@ -204,7 +204,7 @@ def test_an_unwritable_cache_dir_falls_back_to_the_temp_dir(tmp_path):
 
 def test_kernels_can_be_switched_off():
     code = ("import torch; from forgeline import kernels; from forgeline.model import ModelConfig, build_model;"
-            "from forgeline.model.generate import generate; print(kernels.available());"
+            "from forgeline.model.inference.generate import generate; print(kernels.available());"
             "m = build_model(ModelConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, ffn_dim=48, max_seq_len=32));"
             "print(len(generate(m, [[1, 2, 3]], max_new_tokens=4, stop_token_ids=[])[0].tokens))")
     env = dict(os.environ, FORGELINE_NATIVE_KERNELS="0")

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from forgeline.cli import main
-from forgeline.model.hf import forgeline_to_hf_name, load_model
-from forgeline.train.checkpoint import write_manifest
+from forgeline.files import write_manifest
+from forgeline.model.formats import load_model
+from forgeline.model.formats.hf import forgeline_to_hf_name
 
 from test_generate import make_tokenizer  # noqa: E402
 

@@ -7,7 +7,7 @@ import torch
 
 from forgeline.errors import ConfigError, ForgelineError
 from forgeline.model import ModelConfig, build_model
-from forgeline.model.generate import GenerationConfig, generate, iter_generate, process_logits, sample
+from forgeline.model.inference.generate import GenerationConfig, generate, iter_generate, process_logits, sample
 
 
 

@@ -17,7 +17,7 @@ from forgeline.model import ModelConfig, build_model
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
 
-from forgeline.model.gguf import dequantize, load_gguf, permute_rotary, unpermute_rotary, write_gguf  # noqa: E402
+from forgeline.model.formats.gguf import dequantize, load_gguf, permute_rotary, unpermute_rotary, write_gguf  # noqa: E402
 
 from test_generate import make_tokenizer  # noqa: E402
 
@@ -164,7 +164,7 @@ def test_sentencepiece_gguf_tokenizer_matches_the_hugging_face_conversion(shared
 
     import tokenizers
 
-    from forgeline.model.gguf import tokenizer_from_gguf
+    from forgeline.model.formats.gguf import tokenizer_from_gguf
 
     path = shared_data / "tokenizers" / "phi-3-mini" / "tokenizer.json"
     spec = json.loads(path.read_text())
@@ -224,7 +224,7 @@ def smollm2():
 
 
 def test_smollm2_answers_a_chat_prompt(smollm2):
-    from forgeline.model.generate import generate
+    from forgeline.model.inference.generate import generate
 
     cfg = smollm2.model.cfg
     assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
@@ -239,7 +239,7 @@ def test_smollm2_answers_a_chat_prompt(smollm2):
 
 
 def test_smollm2_perplexity_far_below_random(smollm2, shared_data):
-    from forgeline.model.generate import perplexity
+    from forgeline.model.inference.scoring import perplexity
 
     text = (shared_data / "wikitext-2" / "valid.txt").read_text(encoding="utf-8")[:8000]
     ids = smollm2.tokenizer.encode(text)[:1025]  # 2 windows of 512 tokens

@@ -13,8 +13,9 @@ import torch
 
 from forgeline.cli import main
 from forgeline.errors import CheckpointError, ForgelineError
-from forgeline.model.generate import generate
-from forgeline.model.hf import export_hf, import_hf, load_hf, load_model, read_hf_state
+from forgeline.model.formats import load_model
+from forgeline.model.formats.hf import export_hf, import_hf, load_hf, read_hf_state
+from forgeline.model.inference.generate import generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -182,7 +183,8 @@ def test_cli_import_export_and_checkpoint_sources(tmp_path, tok, caplog, capsys)
     # A training checkpoint (run_dir/checkpoints/step_N: model.safetensors + config.yaml), tokenizer from the run.
     from safetensors.torch import save_file
 
-    from forgeline.train.checkpoint import model_state_dict, write_manifest
+    from forgeline.files import write_manifest
+    from forgeline.model.formats.model_dir import model_state_dict
 
     model = load_model(fl_dir).model
     run = tmp_path / "run"
@@ -261,7 +263,7 @@ def test_bad_inputs_give_one_clear_error(tmp_path, tok, capsys):
 def test_streaming_safetensors_writer_matches_the_library(tmp_path):
     from safetensors.torch import load_file
 
-    from forgeline.model.hf import save_file
+    from forgeline.model.formats.common import save_file
 
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(4, 6).to(torch.bfloat16).t(), "c": torch.zeros(0),
                "d": torch.arange(7, dtype=torch.int64), "e": torch.randn(2, 2).half()}

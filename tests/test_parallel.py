@@ -197,7 +197,7 @@ def test_sharded_checkpoint_layout_on_disk(runs):
                                                                              for r in range(4)]
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["format"] == "dcp" and meta["world_size"] == 4 and "FSDP2+TP" in meta["layout"]
-    assert not list((runs / "fsdp_x_tp" / "checkpoints").glob(".tmp-*"))
+    assert not list((runs / "fsdp_x_tp" / "checkpoints").glob(".*"))
 
 
 @pytest.mark.slow
@@ -213,15 +213,15 @@ def test_consolidated_export_equals_the_single_process_weights(runs, tmp_path):
             torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=0, msg=f"{name}: {key}")
     out = tmp_path / "exported"
     assert main(["export", "consolidate", str(runs / "tp" / "checkpoints" / "step_00000004"), str(out)]) == 0
-    from forgeline.model.pretrained import load_pretrained
+    from forgeline.model.formats.model_dir import read_model_dir
 
-    model = load_pretrained(out)
+    model = read_model_dir(out).model
     assert model.cfg.n_layers == 4 and (out / "tokenizer.json").is_file()
 
 
 @pytest.mark.slow
 def test_spike_rollback_under_fsdp2_matches_one_process(runs, tmp_path, monkeypatch):
-    import forgeline.train.pretrain as pretrain_module
+    import forgeline.recipes.pretrain as pretrain_module
 
     sys.path.insert(0, str(DRIVER.parent))
     from parallel_driver import spiking_loss

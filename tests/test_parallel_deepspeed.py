@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from forgeline.cli import main
-from forgeline.train.checkpoint import verify_checkpoint
+from forgeline.model.formats.checkpoint import verify_checkpoint
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from test_parallel import ENV, REPO, TOL, assert_close_losses, launch, read_metrics, write_base  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from forgeline.cli import main
-from forgeline.train.checkpoint import list_checkpoints, verify_checkpoint
+from forgeline.model.formats.checkpoint import list_checkpoints, verify_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_parallel import assert_close_losses, free_port, write_base  # noqa: E402

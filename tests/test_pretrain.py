@@ -64,9 +64,9 @@ def test_pretrain_writes_every_artifact(tmp_path, story_dataset, capsys):
     assert meta["forgeline_version"] and "git_commit" in meta
     state = json.loads((run / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
     assert state["data"]["batch_in_epoch"] == 8
-    from forgeline.model.pretrained import load_pretrained
+    from forgeline.model.formats.model_dir import read_model_dir
 
-    model = load_pretrained(run / "model")
+    model = read_model_dir(run / "model").model
     assert model.cfg.vocab_size == 512
     assert (run / "model" / "tokenizer.json").is_file()
     out = capsys.readouterr().out

@@ -12,7 +12,8 @@ from forgeline.config import CheckpointConfig, MonitorConfig, StabilityConfig, T
 from forgeline.data import PackedTokenLoader
 from forgeline.model import ModelConfig, build_model
 from forgeline.objectives import causal_lm_loss
-from forgeline.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from forgeline.model.formats.checkpoint import latest_checkpoint, list_checkpoints
+from forgeline.train.checkpoint import load_checkpoint, save_checkpoint
 from forgeline.train.distributed import DistInfo
 from forgeline.train.optim import LRSchedule, param_groups, resolve_schedule
 from forgeline.train.stability import TrainingDiverged
@@ -274,7 +275,7 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, story_dataset):
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, story_dataset):
     from forgeline.config import PretrainConfig, validate_config
-    from forgeline.train.pretrain import prepare_model
+    from forgeline.recipes.setup import prepare_whole_model as prepare_model
 
     histories = []
     for checkpointing in (False, True):

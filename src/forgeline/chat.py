@@ -1,6 +1,6 @@
 """`forgeline generate` and `forgeline chat`: completions from the command line and an interactive terminal chat.
 
-MODEL is anything :func:`forgeline.model.hf.load_model` reads: a forgeline model dir, a Hugging Face dir, a .gguf
+MODEL is anything :func:`forgeline.model.load_model` reads: a forgeline model dir, a Hugging Face dir, a .gguf
 file, a training checkpoint or a run dir.
 
 The chat renders the whole conversation with the model's chat template each turn, streams the reply as it is
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import ConfigError, DataError, ForgelineError
-from .model.generate import Completion, GenerationConfig, default_stop_ids, encode_prompt, generate
+from .model.inference.generate import Completion, GenerationConfig, default_stop_ids, encode_prompt, generate
 
 # End-of-turn markers of common chat templates; a chat stops on them even when the tokenizer's EOS is another token
 # (e.g. a forgeline-trained tokenizer whose EOS is <|endoftext|> with the ChatML template).
@@ -115,7 +115,7 @@ def stop_ids(loaded, *, chat: bool) -> set[int]:
 
 
 def _load(args):
-    from .model.hf import load_model
+    from .model.formats import load_model
 
     loaded = load_model(args.model, dtype=args.dtype)
     if loaded.tokenizer is None:
@@ -262,7 +262,7 @@ class ChatSession:
 
 def main_chat(args, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
               stderr: TextIO | None = None) -> int:
-    from .model.hf import describe
+    from .model.formats import describe
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout

@@ -28,10 +28,13 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..model.formats.checkpoint import DEEPSPEED_DIR, verify_checkpoint
+from ..train.checkpoint import set_rng_state
 from ..train.executor import StepExecutor, StepTotals, to_device
 from .checkpoint import begin_multirank_save, finish_multirank_save, write_rank_and_run_state
 
-TAG = "deepspeed"
+# DeepSpeed's files go under step_N/deepspeed/, also the tag they are saved under (what readers expect)
+TAG = DEEPSPEED_DIR
 
 
 def import_deepspeed(device: torch.device):
@@ -112,8 +115,6 @@ class DeepSpeedCheckpointer:
     def load(self, path: Path, *, model, optimizer, dist, verify: bool = True) -> dict[str, Any]:
         from safetensors.torch import load_file
 
-        from ..train.checkpoint import set_rng_state, verify_checkpoint
-
         path = Path(path)
         if not (path / TAG).is_dir():
             raise CheckpointError(f"{path} was not written by the DeepSpeed backend; it resumes with "
@@ -178,12 +179,3 @@ def deepspeed_setup(model: nn.Module, cfg, dist, grad_accum_steps: int) -> DeepS
     return DeepSpeedSetup(engine=engine, optimizer=ds_optimizer,
                           executor=DeepSpeedExecutor(engine, dist.world_size),
                           checkpointer=DeepSpeedCheckpointer(engine, f"DeepSpeed ZeRO-3 ({layout.describe()})"))
-
-
-def consolidate_deepspeed_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a DeepSpeed checkpoint, under the model's own names."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=TAG)
-    return {k.removeprefix("model."): v for k, v in state.items()}

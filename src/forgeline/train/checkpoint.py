@@ -19,15 +19,11 @@ read back through pickle.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
 import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,31 +32,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..errors import CheckpointError, CorruptCheckpointError
-
-CHECKPOINT_PREFIX = "step_"
-CORRUPT_SUFFIX = ".corrupt"
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
-# Files this big are checked by size and header only, when saved and when loaded: hashing a 70B model's shards on
-# every save and resume would cost minutes each time, and their sizes and headers catch truncation.
-HASH_LIMIT = 2 * 2**30
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.iterdir():
-        if file.is_file():
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
+from ..errors import CheckpointError
+from ..files import MANIFEST_NAME, atomic_directory, write_manifest
+from ..model.formats.checkpoint import (
+    DCP_DIR,
+    DEEPSPEED_DIR,
+    checkpoint_name,
+    find_intact_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
+from ..model.formats.model_dir import load_model_state, model_state_dict
 
 
 def git_commit() -> str | None:
@@ -71,187 +53,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# manifests and verification
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _sha256_many(paths: list[Path]) -> dict[Path, str]:
-    # hashlib releases the GIL on large buffers: a sharded checkpoint's files hash in parallel.
-    if len(paths) <= 1:
-        return {p: _sha256(p) for p in paths}
-    with ThreadPoolExecutor(max_workers=min(4, len(paths), os.cpu_count() or 1)) as pool:
-        return dict(zip(paths, pool.map(_sha256, paths)))
-
-
-def _files_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() not in
-                  (MANIFEST_NAME, f".{MANIFEST_NAME}.tmp"))
-
-
-def write_manifest(directory: Path) -> Path:
-    """Record every file under `directory` (size, and sha256 below HASH_LIMIT) in `directory/manifest.json`; the
-    last step of every save, so a directory whose manifest is missing was never finished."""
-    directory = Path(directory)
-    files = _files_under(directory)
-    sizes = {f: f.stat().st_size for f in files}
-    hashes = _sha256_many([f for f in files if sizes[f] < HASH_LIMIT])
-    manifest = {"format": MANIFEST_FORMAT, "files": {
-        f.relative_to(directory).as_posix(): {"size": sizes[f], "sha256": hashes.get(f)} for f in files}}
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(manifest, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / MANIFEST_NAME)
-    return directory / MANIFEST_NAME
-
-
-def check_safetensors_file(path: Path, checkpoint: Path | None = None) -> None:
-    """A readable safetensors header whose tensors end exactly at the end of the file (no pickle, no tensor read):
-    catches truncation, an empty file and a damaged header without a manifest."""
-    path = Path(path)
-    where = checkpoint if checkpoint is not None else path.parent
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(where, path, f"is too short for a safetensors file ({size} bytes)")
-        n = int.from_bytes(head, "little")
-        if n < 2 or n > size - 8:
-            raise CorruptCheckpointError(where, path, f"has an invalid safetensors header length ({n:,} in a "
-                                                      f"{size:,}-byte file): truncated or overwritten")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-        end = 0
-        for name, info in header.items():
-            if name != "__metadata__":
-                begin, stop = (int(x) for x in info["data_offsets"])
-                if not 0 <= begin <= stop:
-                    raise ValueError(f"{name} has data offsets {begin}..{stop}")
-                end = max(end, stop)
-    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(where, path, f"has an unreadable safetensors header ({' '.join(str(exc).split())[:120]})"
-                                     ) from None
-    if 8 + n + end != size:
-        raise CorruptCheckpointError(where, path, f"is truncated or overwritten: {size - 8 - n:,} bytes of tensor "
-                                                  f"data, its header describes {end:,}")
-
-
-def _read_manifest(directory: Path) -> dict[str, dict[str, Any]]:
-    file = directory / MANIFEST_NAME
-    try:
-        manifest = json.loads(file.read_text())
-        files = manifest["files"]
-        if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("size"), int)
-                                                  for e in files.values()):
-            raise ValueError("malformed 'files'")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(directory, file, f"is unreadable ({' '.join(str(exc).split())[:120]})"
-                                     ) from None
-    return files
-
-
-def _predates_manifests(directory: Path) -> bool:
-    """A checkpoint written by a forgeline from before manifests: its meta.json (complete JSON, written just before
-    the manifest would be) does not mention one."""
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(meta, dict) and "forgeline_version" in meta and "manifest" not in meta
-
-
-def verify_files(directory: Path, *, require_manifest: bool = True) -> bool:
-    """Check `directory` against its manifest: every listed file present with its size, safetensors headers
-    readable, sha256 equal (files under HASH_LIMIT). Raises CorruptCheckpointError naming the first damaged file.
-
-    Without a manifest: an error when `require_manifest`, else only the safetensors files' headers and sizes are
-    checked. Returns whether a manifest was checked."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such directory")
-    if not (directory / MANIFEST_NAME).is_file():
-        if require_manifest:
-            raise CorruptCheckpointError(directory, directory / MANIFEST_NAME,
-                                         "is missing: the save never finished (writing it is its last step)")
-        for file in _files_under(directory):
-            if file.suffix == ".safetensors":
-                check_safetensors_file(file, directory)
-        return False
-    entries = _read_manifest(directory)
-    to_hash: dict[Path, str] = {}
-    for rel, entry in entries.items():
-        file = directory / rel
-        if not file.is_file():
-            raise CorruptCheckpointError(directory, file, "is missing (listed in the manifest)")
-        size = file.stat().st_size
-        if size != entry["size"]:
-            what = "is empty" if size == 0 else f"has {size:,} bytes"
-            raise CorruptCheckpointError(directory, file, f"{what}; the manifest says {entry['size']:,} "
-                                                          "(truncated or overwritten)")
-        if file.suffix == ".safetensors":
-            check_safetensors_file(file, directory)
-        if entry.get("sha256") and size < HASH_LIMIT:
-            to_hash[file] = entry["sha256"]
-    for file, digest in _sha256_many(list(to_hash)).items():
-        if digest != to_hash[file]:
-            raise CorruptCheckpointError(directory, file, "has changed since it was written (its sha256 differs "
-                                                          "from the manifest)")
-    return True
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise CorruptCheckpointError when a training checkpoint (any format) is damaged. A missing manifest is damage
-    (every save writes it last), except in a checkpoint written before manifests existed, whose safetensors files
-    are then checked by header and size."""
-    path = Path(path)
-    verify_files(path, require_manifest=not (path.is_dir() and not (path / MANIFEST_NAME).is_file()
-                                             and _predates_manifests(path)))
-
-
-def _corrupt_name(path: Path) -> Path:
-    target = path.with_name(path.name + CORRUPT_SUFFIX)
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.{n}{CORRUPT_SUFFIX}")
-        n += 1
-    return target
-
-
-def find_intact_checkpoint(checkpoint_root: Path, *, rename_damaged: bool,
-                           report: Callable[[str], None] | None = None) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint that verifies, and one line per damaged newer one (each passed to `report`). With
-    `rename_damaged`, a damaged checkpoint becomes `step_N.corrupt`, which list_checkpoints and pruning ignore."""
-    damaged: list[str] = []
-    for ckpt in reversed(list_checkpoints(checkpoint_root)):
-        try:
-            verify_checkpoint(ckpt)
-        except CorruptCheckpointError as exc:
-            note = f"checkpoint {ckpt.name} is damaged ({exc.short()})"
-            if rename_damaged:
-                target = _corrupt_name(ckpt)
-                os.replace(ckpt, target)
-                note += f"; renamed it {target.name}"
-            else:
-                note += "; skipped it"
-            damaged.append(note)
-            if report is not None:
-                report(note)
-            continue
-        return ckpt, damaged
-    return None, damaged
 
 
 def select_checkpoint(checkpoint_root: Path, dist, *, report: Callable[[str], None] | None = None
@@ -266,35 +67,6 @@ def select_checkpoint(checkpoint_root: Path, dist, *, report: Callable[[str], No
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.broadcast_object_list(answer, src=0)
     return (None if answer[0] is None else Path(answer[0])), answer[1]
-
-
-def print_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Flat, contiguous, de-duplicated weights: a tied output projection is stored once (as the embedding)."""
-    seen: dict[int, str] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = id(tensor) if tensor.data_ptr() == 0 else tensor.data_ptr()
-        if key in seen and tensor.numel() > 0:
-            continue
-        seen[key] = name
-        out[name] = tensor.detach().contiguous().cpu()
-    return out
-
-
-def load_model_state(model: torch.nn.Module, path: Path) -> None:
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"output.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    missing = [m for m in missing if m not in tied]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
 
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -357,14 +129,10 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
 ) -> Path:
-    """Write `checkpoint_root/step_<step>` atomically and prune to the newest `keep_last`; returns its path."""
-    checkpoint_root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = checkpoint_root / f".tmp-{CHECKPOINT_PREFIX}{step:08d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    """Write `checkpoint_root/step_<step>` atomically and prune to the newest `keep_last`; returns its path. A
+    re-save of the same step (after a rollback) replaces it."""
+    final = Path(checkpoint_root) / checkpoint_name(step)
+    with atomic_directory(final, overwrite=True, what="checkpoint") as tmp:
         save_file(model_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -373,42 +141,21 @@ def save_checkpoint(
         state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
-        meta = {"forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(), "step": step,
-                "manifest": MANIFEST_NAME}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(json.dumps(checkpoint_meta(step), indent=1))
         write_manifest(tmp)
-        _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step after a rollback
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(checkpoint_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(checkpoint_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(final.parent, keep_last)
     return final
 
 
-def list_checkpoints(checkpoint_root: Path) -> list[Path]:
-    """Checkpoint directories `step_N`, oldest first. Temp directories of interrupted saves and `step_N.corrupt`
-    are not listed; a listed one may still be damaged (find_intact_checkpoint verifies)."""
-    checkpoint_root = Path(checkpoint_root)
-    if not checkpoint_root.is_dir():
-        return []
-    found = []
-    for path in checkpoint_root.iterdir():
-        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX):
-            try:
-                found.append((int(path.name[len(CHECKPOINT_PREFIX):]), path))
-            except ValueError:
-                continue
-    return [p for _, p in sorted(found)]
+def checkpoint_meta(step: int, **extra: Any) -> dict[str, Any]:
+    """meta.json: who wrote the checkpoint; naming the manifest tells a reader that one was written last."""
+    return {"forgeline_version": __version__, "git_commit": git_commit(), "saved_at": time.time(), "step": step,
+            **extra, "manifest": MANIFEST_NAME}
 
 
-def latest_checkpoint(checkpoint_root: Path) -> Path | None:
-    ckpts = list_checkpoints(checkpoint_root)
-    return ckpts[-1] if ckpts else None
+def prune_checkpoints(checkpoint_root: Path, keep_last: int) -> None:
+    for old in list_checkpoints(checkpoint_root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -433,16 +180,9 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     return state
 
 
-def is_sharded_checkpoint(path: Path) -> bool:
-    """A checkpoint written by a sharded layout (torch.distributed.checkpoint files under `dcp/`)."""
-    return (Path(path) / "dcp" / ".metadata").is_file()
-
-
 class FullCheckpointer:
-    """Whole-model layouts (one process, DDP): rank 0 writes the safetensors checkpoint above; every rank reads.
-
-    A sharded (DCP) checkpoint from an FSDP2 / TP / PP run is read too, resharded into this whole model.
-    """
+    """Whole-model checkpoints in safetensors (above): rank 0 writes, every rank reads. Reading the checkpoints of
+    sharded layouts into a whole model is forgeline.parallel.checkpoint.WholeModelCheckpointer's part."""
 
     def save(self, checkpoint_root: Path, step: int, *, model, optimizer, trainer_state, config_yaml, keep_last,
              dist) -> Path | None:
@@ -456,11 +196,8 @@ class FullCheckpointer:
         return path
 
     def load(self, path: Path, *, model, optimizer, dist, verify: bool = True) -> dict[str, Any]:
-        from ..parallel.checkpoint import refuse_deepspeed_checkpoint
-
-        refuse_deepspeed_checkpoint(path)
-        if is_sharded_checkpoint(path):
-            from ..parallel.checkpoint import load_sharded_checkpoint
-
-            return load_sharded_checkpoint(path, model=model, optimizer=optimizer, dist=dist, verify=verify)
+        for sub in (DCP_DIR, DEEPSPEED_DIR):
+            if (Path(path) / sub).is_dir():
+                raise CheckpointError(f"{path} holds {sub}/ shards, not a whole-model checkpoint; resume it with "
+                                      "the layout's own checkpointer (forgeline.parallel.checkpoint)")
         return load_checkpoint(path, model=model, optimizer=optimizer, verify=verify)

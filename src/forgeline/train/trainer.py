@@ -28,7 +28,8 @@ from torch import nn
 
 from ..config import CheckpointConfig, MonitorConfig, StabilityConfig, TrainConfig
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import FullCheckpointer, latest_checkpoint, select_checkpoint
+from ..model.formats.checkpoint import latest_checkpoint
+from .checkpoint import FullCheckpointer, select_checkpoint
 from .distributed import DistInfo, all_reduce_sum, unwrap
 from .executor import Objective, StepExecutor, count_key
 from .monitor import RunLogger, device_peak_flops, memory_stats

@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from .config import ModelConfig
-from .hf import LoadedModel, allocate_model, load_state_into, parse_dtype, save_forgeline_dir
+from ...errors import CheckpointError, ConfigError
+from ..config import ModelConfig
+from .common import LoadedModel, allocate_model, load_state_into, parse_dtype
+from .model_dir import model_state_dict, save_imported
 
 logger = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ def tokenizer_from_gguf(meta: _Meta):
     import tokenizers
     from tokenizers import AddedToken, decoders, models, processors
 
-    from ..tokenizer import Tokenizer
+    from ...tokenizer import Tokenizer
 
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
@@ -464,7 +465,7 @@ def load_gguf(path: str | Path, *, dtype: torch.dtype | str | None = torch.float
 def import_gguf(path: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = torch.float32,
                 overwrite: bool = False) -> Path:
     """`forgeline import gguf`: a GGUF file -> a forgeline model directory (dequantized weights)."""
-    return save_forgeline_dir(load_gguf(path, dtype=dtype), out, overwrite=overwrite)
+    return save_imported(load_gguf(path, dtype=dtype), out, overwrite=overwrite)
 
 
 def write_gguf(model, tokenizer, path: str | Path, *, arch: str = "llama", types: dict[str, str] | None = None,
@@ -518,8 +519,6 @@ def write_gguf(model, tokenizer, path: str | Path, *, arch: str = "llama", types
         w.add_add_bos_token(False)
         if tokenizer.chat_template:
             w.add_chat_template(tokenizer.chat_template)
-    from ..train.checkpoint import model_state_dict
-
     for name, tensor in model_state_dict(model).items():
         if cfg.tie_embeddings and name == "output.weight":
             continue

@@ -1,4 +1,4 @@
-"""Hugging Face interop: import Llama / Mistral / Qwen2 checkpoints, export forgeline models, load any model.
+"""Hugging Face interop: import Llama / Mistral / Qwen2 checkpoints, export forgeline models.
 
 Import reads ``config.json``, single-file or sharded safetensors (``model.safetensors.index.json``), the tokenizer
 (``tokenizer.json`` + ``tokenizer_config.json`` with its chat template) and ``generation_config.json``. Weights are
@@ -26,67 +26,49 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, ForgelineError
-from .config import ModelConfig, RopeScaling
-from .transformer import Transformer, rope_inverse_frequencies
+from ...errors import CheckpointError, ConfigError
+from ...files import atomic_directory
+from ..config import ModelConfig, RopeScaling
+from ..transformer import Transformer
+from .common import (
+    GENERATION_CONFIG,
+    HF_CONFIG,
+    SUPPORTED_ARCHITECTURES,
+    LoadedModel,
+    allocate_model,
+    architecture_of,
+    load_state_into,
+    parse_dtype,
+    read_json,
+    save_file,
+)
+from .model_dir import model_state_dict, save_imported
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
-    "LoadedModel",
     "Selector",
     "config_from_hf",
     "config_to_hf",
     "export_hf",
     "import_hf",
     "load_hf",
-    "load_model",
     "read_hf_state",
 ]
 
-# architectures[0] in config.json -> the model_type transformers writes next to it.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-_ARCH_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
-
-HF_CONFIG = "config.json"
 HF_INDEX = "model.safetensors.index.json"
 HF_WEIGHTS = "model.safetensors"
-GENERATION_CONFIG = "generation_config.json"
-# Kept inside a forgeline model directory made by `import hf`, so that `export hf` restores the architecture and
-# the fields forgeline does not model (e.g. Mistral's sliding_window).
-SOURCE_HF_CONFIG = "hf_config.json"
-
 # A per-parameter slice selector: (forgeline parameter name, full shape on disk) -> index into that tensor (a tuple
 # of slices/ints, as for tensor[...]), or None to read it whole.
 Selector = Callable[[str, tuple[int, ...]], "tuple | None"]
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ConfigError(f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[value]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Names
@@ -165,17 +147,6 @@ def _rope_settings(hf: dict[str, Any], where: Path | str) -> tuple[float, RopeSc
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{where}: invalid llama3 rope scaling {scaling}: {exc}") from None
     return float(theta), rs
-
-
-def architecture_of(hf: dict[str, Any], where: Path | str = HF_CONFIG) -> str:
-    archs = hf.get("architectures") or []
-    arch = archs[0] if archs else _ARCH_BY_MODEL_TYPE.get(hf.get("model_type", ""))
-    if arch not in SUPPORTED_ARCHITECTURES:
-        found = arch or hf.get("model_type") or "none given"
-        raise CheckpointError(
-            f"{where}: unsupported architecture {found!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    return arch
 
 
 def config_from_hf(hf: dict[str, Any], where: Path | str = HF_CONFIG) -> tuple[ModelConfig, str]:
@@ -301,23 +272,11 @@ def config_to_hf(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def _weight_files(directory: Path) -> dict[str, list[str] | None]:
     """{shard file: tensor names listed for it by the index, or None (all of a single file)}."""
     index = directory / HF_INDEX
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map")
         files: dict[str, list[str]] = {}
@@ -399,66 +358,8 @@ def read_hf_state(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LoadedModel:
-    """A model ready for inference: weights, tokenizer (None if the checkpoint has none), generation defaults."""
-
-    model: Transformer
-    tokenizer: Any = None
-    generation_config: dict[str, Any] = field(default_factory=dict)
-    architecture: str | None = None
-    hf_config: dict[str, Any] | None = None
-    source: str = ""
-    # How plain-text prompts get BOS: None = the tokenizer's own post-processor decides (Hugging Face and GGUF
-    # models); True = prepend BOS (forgeline-trained models: documents are separated by EOS/BOS in pre-training).
-    add_bos: bool | None = None
-
-
-def allocate_model(cfg: ModelConfig, *, dtype: torch.dtype | None, device: str | torch.device = "cpu") -> Transformer:
-    """A model whose weights are allocated (once, in `dtype`) but not initialised; the rotary table is fp32."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if dtype is not None:
-        model = model.to(dtype)
-    model = model.to_empty(device=device)
-    if {name for name, _ in model.named_buffers()} - {"inv_freq"}:
-        model.init_weights()  # buffers this loader does not know how to fill: let the model compute them (slower)
-    fix_rope(model)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model
-
-
-def fix_rope(model: Transformer) -> Transformer:
-    """Recompute the rotary inverse frequencies in fp32 (`model.to(bf16)` rounds the buffer)."""
-    cfg = model.cfg
-    model.inv_freq = rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling).to(
-        model.inv_freq.device)
-    return model
-
-
-def load_state_into(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor]], where: str) -> None:
-    """Copy (name, tensor) pairs into the model's parameters; every parameter must be filled exactly once."""
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for name, tensor in tensors:
-            if name not in params:
-                raise CheckpointError(f"{where}: unexpected tensor {name!r} for this model")
-            target = params[name]
-            local = target.to_local() if hasattr(target, "to_local") else target  # DTensor: this rank's shard
-            if tuple(local.shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{where}: {name} has shape {list(tensor.shape)}, the model expects "
-                                      f"{list(local.shape)}")
-            local.copy_(tensor)
-            loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise CheckpointError(f"{where}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-
-
 def _load_tokenizer(directory: Path):
-    from ..tokenizer import Tokenizer
+    from ...tokenizer import Tokenizer
 
     if (directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file():
         return Tokenizer.load(directory)
@@ -487,7 +388,7 @@ def load_hf(
         raise CheckpointError(f"{directory}: no such directory")
     if not (directory / HF_CONFIG).is_file():
         raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: {HF_CONFIG} is missing")
-    hf = _read_json(directory / HF_CONFIG)
+    hf = read_json(directory / HF_CONFIG)
     cfg, arch = config_from_hf(hf, directory / HF_CONFIG)
     files = _weight_files(directory)  # fail on missing weights before allocating anything
     del files
@@ -506,201 +407,14 @@ def load_hf(
         str(directory),
     )
     model.eval()
-    gen = _read_json(directory / GENERATION_CONFIG) if (directory / GENERATION_CONFIG).is_file() else {}
+    gen = read_json(directory / GENERATION_CONFIG) if (directory / GENERATION_CONFIG).is_file() else {}
     return LoadedModel(model=model, tokenizer=tokenizer, generation_config=gen, architecture=arch, hf_config=hf,
                        source=str(directory))
-
-
-def _read_forgeline_dir(directory: Path, dtype, device) -> LoadedModel:
-    from ..tokenizer import Tokenizer
-    from ..train.checkpoint import verify_files
-    from .pretrained import CONFIG_NAME, WEIGHTS_NAME
-
-    verify_files(directory, require_manifest=False)  # save_pretrained's manifest when there is one
-    cfg = _model_config(_read_json(directory / CONFIG_NAME), directory / CONFIG_NAME)
-    model = allocate_model(cfg, dtype=dtype, device=device)
-    load_state_into(model, _read_safetensors(directory / WEIGHTS_NAME, dtype, cfg.tie_embeddings),
-                    str(directory / WEIGHTS_NAME))
-    model.eval()
-    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").is_file() else None
-    gen = _read_json(directory / GENERATION_CONFIG) if (directory / GENERATION_CONFIG).is_file() else {}
-    hf = _read_json(directory / SOURCE_HF_CONFIG) if (directory / SOURCE_HF_CONFIG).is_file() else None
-    native = hf is None and not gen  # not made by `import hf` / `import gguf`
-    return LoadedModel(model=model, tokenizer=tokenizer, generation_config=gen,
-                       architecture=architecture_of(hf) if hf else None, hf_config=hf, source=str(directory),
-                       add_bos=True if native else None)
-
-
-def _model_config(data: dict[str, Any], where: Path) -> ModelConfig:
-    try:
-        return ModelConfig.model_validate(data)
-    except ValueError as exc:
-        raise CheckpointError(f"{where}: invalid model config: {exc}") from None
-
-
-def _read_safetensors(path: Path, dtype, tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    with handle as f:
-        for name in f.keys():
-            if tied and name == "output.weight":
-                continue
-            try:
-                tensor = f.get_tensor(name)
-            except Exception as exc:
-                raise CheckpointError(f"{path}: cannot read {name} ({exc})") from None
-            yield name, tensor.to(dtype) if dtype is not None else tensor
-
-
-def _find_run_tokenizer(ckpt: Path, run_cfg: dict[str, Any]):
-    """A training checkpoint holds no tokenizer: look beside it (run_dir/model), then where the run took it from."""
-    from ..tokenizer import Tokenizer
-
-    candidates = [ckpt, ckpt.parent.parent / "model"]
-    if run_cfg.get("tokenizer"):
-        candidates.append(Path(run_cfg["tokenizer"]))
-    dataset = (run_cfg.get("data") or {}).get("dataset")
-    if dataset:
-        candidates.append(Path(dataset) / "tokenizer")
-    for c in candidates:
-        if (c / "tokenizer.json").is_file():
-            return Tokenizer.load(c)
-    return None
-
-
-def _read_checkpoint_dir(directory: Path, dtype, device) -> LoadedModel:
-    from ..config import read_yaml
-
-    try:
-        run_cfg = read_yaml(directory / "config.yaml")
-    except ForgelineError as exc:
-        raise CheckpointError(str(exc)) from None
-    if not isinstance(run_cfg, dict) or not isinstance(run_cfg.get("model"), dict):
-        raise CheckpointError(f"{directory / 'config.yaml'} has no 'model:' section")
-    model_section = dict(run_cfg["model"])
-    if model_section.get("vocab_size") is None:
-        raise CheckpointError(f"{directory / 'config.yaml'}: model.vocab_size is not set")
-    cfg = _model_config(model_section, directory / "config.yaml")
-    if (directory / "model.safetensors").is_file():
-        from ..train.checkpoint import verify_checkpoint
-
-        verify_checkpoint(directory)
-        model = allocate_model(cfg, dtype=dtype, device=device)
-        load_state_into(model, _read_safetensors(directory / "model.safetensors", dtype, cfg.tie_embeddings),
-                        str(directory / "model.safetensors"))
-    else:  # a sharded (DCP) or DeepSpeed checkpoint: gathered whole in this process
-        from ..parallel.checkpoint import has_model_weights, load_consolidated_model
-
-        if not has_model_weights(directory):
-            raise CheckpointError(f"{directory} is an incomplete checkpoint: no model.safetensors, sharded dcp/ or "
-                                  "deepspeed/ weights")
-        model = load_consolidated_model(directory)
-        if dtype is not None:
-            model = model.to(dtype)
-        model = fix_rope(model.to(device))
-    model.eval()
-    return LoadedModel(model=model, tokenizer=_find_run_tokenizer(directory, run_cfg), source=str(directory),
-                       add_bos=True)
-
-
-def load_model(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | str | None = torch.float32,
-    device: str | torch.device = "cpu",
-) -> LoadedModel:
-    """Load whatever `path` is: a forgeline model dir, a Hugging Face dir, a .gguf file, a training checkpoint
-    (`run_dir/checkpoints/step_N`) or a run dir (its `model/`, else its newest checkpoint)."""
-    from .pretrained import CONFIG_NAME
-
-    path = Path(path)
-    dtype = parse_dtype(dtype)
-    if path.is_file():
-        if path.suffix.lower() == ".gguf" or _is_gguf(path):
-            from .gguf import load_gguf
-
-            return load_gguf(path, dtype=dtype, device=device)
-        raise CheckpointError(f"{path}: a file, but not a GGUF file; give a model directory or a .gguf file")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if (path / CONFIG_NAME).is_file():
-        return _read_forgeline_dir(path, dtype, device)
-    if (path / HF_CONFIG).is_file():
-        return load_hf(path, dtype=dtype, device=device)
-    if (path / "config.yaml").is_file() and _looks_like_checkpoint(path):
-        return _read_checkpoint_dir(path, dtype, device)
-    if (path / "model" / CONFIG_NAME).is_file():
-        return _read_forgeline_dir(path / "model", dtype, device)
-    from ..parallel.checkpoint import resolve_checkpoint_source
-    from ..train.checkpoint import list_checkpoints
-
-    if list_checkpoints(path / "checkpoints"):  # the newest intact one
-        return _read_checkpoint_dir(resolve_checkpoint_source(path), dtype, device)
-    raise CheckpointError(
-        f"{path} is not a checkpoint: expected a forgeline model dir ({CONFIG_NAME}), a Hugging Face dir "
-        f"({HF_CONFIG} + safetensors), a training checkpoint (config.yaml + model.safetensors, or a sharded dcp/ "
-        "or deepspeed/ checkpoint), a run dir or a .gguf file"
-    )
-
-
-def _looks_like_checkpoint(path: Path) -> bool:
-    """A training checkpoint of any layout (its weights possibly missing or broken, which loading reports); a run
-    dir also has a config.yaml, but neither weights nor trainer_state.json."""
-    from ..parallel.checkpoint import has_model_weights
-
-    return has_model_weights(path) or (path / "trainer_state.json").is_file()
-
-
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _atomic_dir(out: Path, overwrite: bool):
-    """A temp dir beside `out`; `commit(tmp)` renames it into place. Refuses to replace a non-empty dir."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ForgelineError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not overwrite:
-            raise ForgelineError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _fix_permissions(directory: Path) -> None:
-    """mkdtemp/mkstemp create 0700/0600 paths; give the result the modes the user's umask asks for."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for p in directory.iterdir():
-        if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    _fix_permissions(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def parse_size(value: int | str) -> int:
@@ -713,37 +427,6 @@ def parse_size(value: int | str) -> int:
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
     return int(float(m.group(1)) * scale)
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.torch.save_file's format, streamed tensor by tensor.
-
-    safetensors' own save_file first copies every tensor into Python bytes, so saving a model needs twice its
-    size in memory; here each tensor's bytes go from its storage to the file (one tensor's copy at most, for a
-    non-contiguous one).
-    """
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, t in tensors.items():
-        if t.dtype not in _ST_DTYPES:
-            raise ValueError(f"cannot store dtype {t.dtype} in safetensors")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors.values():
-            t = t.detach().cpu().contiguous()
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_hf_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_size: int) -> None:
@@ -806,6 +489,8 @@ def export_hf(
         src = Path(source)
         if src.is_file():
             raise CheckpointError(f"{src}: export hf takes a run dir, a checkpoint dir or a forgeline model dir")
+        from .load import load_model  # load.py reads every format, this one included
+
         loaded = load_model(src, dtype=None)
     if tokenizer is not None:
         loaded.tokenizer = tokenizer
@@ -817,8 +502,6 @@ def export_hf(
     if loaded.tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {loaded.tokenizer.vocab_size} tokens, more than the model's "
                               f"vocab_size={cfg.vocab_size}")
-    from ..train.checkpoint import model_state_dict
-
     state = {}
     for name, tensor in model_state_dict(model).items():
         if cfg.tie_embeddings and name == "output.weight":
@@ -827,58 +510,17 @@ def export_hf(
     stored = dtype or next(iter(state.values())).dtype
     hf_config = config_to_hf(cfg, architecture=architecture, dtype=stored, tokenizer=loaded.tokenizer,
                              base=loaded.hf_config)
-    tmp = _atomic_dir(out, overwrite)
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         write_hf_weights(state, tmp, parse_size(max_shard_size))
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         gen = _generation_config(loaded.tokenizer, loaded.generation_config)
         if gen:
             (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
         loaded.tokenizer.save(tmp)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def save_forgeline_dir(loaded: LoadedModel, out: str | Path, *, overwrite: bool = False) -> Path:
-    """A forgeline model dir (save_pretrained's files: model.safetensors, forgeline_config.json, tokenizer) plus
-    the source's generation and HF configs. Weights are streamed, so peak memory stays at one model."""
-    from ..train.checkpoint import model_state_dict
-    from .pretrained import CONFIG_NAME, WEIGHTS_NAME
-
-    out = Path(out)
-    tmp = _atomic_dir(out, overwrite)
-    try:
-        save_file(model_state_dict(loaded.model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(loaded.model.cfg.model_dump(mode="json"), indent=1))
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save(tmp)
-        if loaded.generation_config:
-            (tmp / GENERATION_CONFIG).write_text(json.dumps(loaded.generation_config, indent=2) + "\n")
-        if loaded.hf_config:
-            (tmp / SOURCE_HF_CONFIG).write_text(json.dumps(loaded.hf_config, indent=2) + "\n")
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def import_hf(source: str | Path, out: str | Path, *, dtype: torch.dtype | str | None = torch.float32,
               overwrite: bool = False) -> Path:
     """`forgeline import hf`: a Hugging Face directory -> a forgeline model directory."""
-    return save_forgeline_dir(load_hf(source, dtype=dtype), out, overwrite=overwrite)
-
-
-def describe(loaded: LoadedModel) -> str:
-    cfg = loaded.model.cfg
-    params = loaded.model.num_params()
-    size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
-    arch = f"{loaded.architecture} " if loaded.architecture else ""
-    tok = "no tokenizer" if loaded.tokenizer is None else f"tokenizer {loaded.tokenizer.vocab_size} tokens" + (
-        ", chat template" if loaded.tokenizer.chat_template else "")
-    dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
-    return (f"{arch}{size} parameters ({cfg.n_layers} layers, d {cfg.dim}, {cfg.n_heads}/{cfg.kv_heads} heads, "
-            f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}), {dtype}; {tok}")
+    return save_imported(load_hf(source, dtype=dtype), out, overwrite=overwrite)

@@ -1,0 +1,4 @@
+"""Running a model: batched KV-cache generation and sampling (`generate`), scoring text (`scoring`).
+
+Import from the modules themselves: re-exporting the function `generate` here would hide the module of that name.
+"""
