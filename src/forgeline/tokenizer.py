@@ -30,8 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +39,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from forgeline.errors import ConfigError, DataError, ForgelineError
+from forgeline.files import atomic_directory, atomic_write_text
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "DEFAULT_SPECIAL_TOKENS", "Tokenizer", "train_bpe"]
 
@@ -347,17 +346,11 @@ class Tokenizer:
                 for name in _STALE_FILES:
                     (directory / name).unlink(missing_ok=True)
                 for name, text in files.items():
-                    _atomic_write_text(directory / name, text)
+                    atomic_write_text(directory / name, text)
             else:
-                directory.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-                try:
+                with atomic_directory(directory) as tmp:
                     for name, text in files.items():
                         (tmp / name).write_text(text, encoding="utf-8")
-                    os.replace(tmp, directory)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
         except OSError as e:
             raise DataError(f"cannot save tokenizer: {e.strerror or e}", directory) from None
         return directory
@@ -551,17 +544,6 @@ def _model_max_length(config: dict[str, Any] | None, where: Path) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise DataError(f"model_max_length must be a positive integer, got {value!r}", where)
     return value if value < 10**12 else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @functools.lru_cache(maxsize=16)
