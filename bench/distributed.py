@@ -90,7 +90,7 @@ def worker(args) -> None:
     from forgeline.model import build_model, training_flops_per_token
     from forgeline.parallel.layout import resolve_layout
     from forgeline.train.distributed import init_distributed, shutdown
-    from forgeline.train.pretrain import prepare_model, seed_everything
+    from forgeline.recipes.setup import prepare_whole_model as prepare_model, seed_everything
     from forgeline.train.trainer import Trainer
 
     n, threads, parallel, micro = LAYOUTS[args.layout]

@@ -32,7 +32,7 @@ def _torch_threads():
 def story_dataset(tmp_path_factory):
     """A small real token-shard dataset (generated stories, BPE tokenizer) shared by the training tests."""
     from forgeline.data import prepare_dataset
-    from forgeline.demo import write_corpus
+    from forgeline.recipes.demo import write_corpus
     from forgeline.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("stories")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-import forgeline.train.pretrain as pretrain_module
+import forgeline.recipes.pretrain as pretrain_module
+from forgeline.recipes.setup import run_in_group
 from forgeline.config import PretrainConfig, load_config
 from forgeline.objectives import causal_lm_loss
 from forgeline.train.distributed import barrier, init_distributed, shutdown
@@ -65,7 +66,7 @@ def main() -> None:
             pretrain_module.causal_lm_loss = (spiking_loss(run["spike_at"]) if run.get("spike_at") is not None
                                               else causal_lm_loss)
             torch.manual_seed(0)
-            pretrain_module._pretrain(cfg, dist, resume=bool(run.get("resume_from")))
+            run_in_group(dist, cfg, bool(run.get("resume_from")), lambda r: pretrain_module._pretrain(r, cfg))
             barrier()
     finally:
         pretrain_module.causal_lm_loss = causal_lm_loss

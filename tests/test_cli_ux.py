@@ -38,7 +38,7 @@ from test_generate import make_tokenizer
 ])
 def test_pretrain_options_and_overrides_in_any_order(argv, items, resume):
     args = parse_args(argv)
-    assert args.items == items and args.resume == resume and args.func.__name__ == "cmd_pretrain"
+    assert args.items == items and args.resume == resume and args.command_words == ["pretrain"]
 
 
 def test_every_config_command_takes_options_anywhere():
@@ -59,13 +59,14 @@ def test_bad_resume_value_is_one_clear_error(capsys):
     assert "argument --resume" in err and "'always'" in err and "=auto" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command_name", ["pretrain", "sft"])
 @pytest.mark.parametrize("flags", [[], ["--resume"], ["--resume=auto"], ["--print-config", "--resume=auto"]])
-def test_torchrun_relaunch_forwards_the_same_flags(flags):
-    args = parse_args(["pretrain", "run.yaml", "train.lr=1e-3", "--nproc", "2", *flags])
+def test_torchrun_relaunch_forwards_the_same_flags(flags, command_name):
+    args = parse_args([command_name, "run.yaml", "train.lr=1e-3", "--nproc", "2", *flags])
     command = torchrun_command(args)
     assert command[command.index("--nproc_per_node") + 1] == "2"
     forwarded = command[command.index("forgeline") + 1:]
-    assert forwarded[:3] == ["pretrain", "run.yaml", "train.lr=1e-3"] and "--nproc" not in forwarded
+    assert forwarded[:3] == [command_name, "run.yaml", "train.lr=1e-3"] and "--nproc" not in forwarded
     again = parse_args(forwarded)  # what each rank parses
     assert (again.items, again.resume, again.print_config) == (args.items, args.resume, args.print_config)
 

@@ -27,13 +27,11 @@ Allocator fragmentation, communication buffers, CUDA context and kernels' worksp
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import ParallelConfig, PretrainConfig
+from ..config import ParallelConfig, StageConfig
 from ..model.config import ModelConfig
 from .layout import Layout, resolve_layout, split_layers
 
@@ -105,7 +103,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, tp: int, *, sequence_para
     return norms + attention + mlp
 
 
-def estimate_memory(cfg: PretrainConfig, world_size: int) -> MemoryEstimate:
+def estimate_memory(cfg: StageConfig, world_size: int) -> MemoryEstimate:
     """The worst-off rank's memory for `cfg` (model, batch, precision, layout) on `world_size` ranks."""
     model = cfg.model
     if model.vocab_size is None:
@@ -120,7 +118,7 @@ def estimate_memory(cfg: PretrainConfig, world_size: int) -> MemoryEstimate:
     n_stages = layout.n_stages
     ranges = split_layers(model.n_layers, n_stages, pcfg.pp_split_points if layout.pp > 1 else None)
     stages_of_rank = [[r + k * layout.pp for k in range(layout.stages_per_rank)] for r in range(layout.pp)]
-    seq = cfg.data.seq_len
+    seq = cfg.seq_len()
     n_micro = (pcfg.pp_microbatches or layout.n_stages) if layout.pp > 1 else 1
     mb_tokens = cfg.train.micro_batch_size * seq / n_micro
     per_layer = activation_bytes_per_token_layer(model, layout.tp, sequence_parallel=pcfg.sequence_parallel,
@@ -182,43 +180,3 @@ def measure_state_bytes(model, optimizer) -> dict[str, int]:
                 t = local(value)
                 opt += t.numel() * t.element_size()
     return {"params_bytes": params, "optimizer_bytes": opt}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# forgeline plan memory
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def add_plan_memory_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_config_args
-
-    add_config_args(p, "plan memory")
-    p.add_argument("--world", type=int, required=True, help="total ranks (GPUs)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def main_plan_memory(args: argparse.Namespace) -> int:
-    from ..cli import _split_config_and_overrides
-    from ..config import load_config, read_yaml
-
-    config, overrides = _split_config_and_overrides(args.items)
-    data = read_yaml(config) if config is not None else {}
-    if "dataset" not in data.get("data", {}) and not any(o.startswith("data.dataset=") for o in overrides):
-        overrides = [*overrides, "data.dataset=unused"]  # planning reads no data
-    cfg = load_config(PretrainConfig, config, overrides)
-    est = estimate_memory(cfg, args.world)
-    if args.json:
-        print(json.dumps(est.as_dict(), indent=1))
-        return 0
-    m = cfg.model
-    print(f"{m.preset or 'custom'} model, {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens per micro-batch, "
-          f"{cfg.train.precision}, activation checkpointing {'on' if cfg.train.activation_checkpointing else 'off'}")
-    print(f"layout: {est.layout}; worst-off rank: pipeline stage {est.stage}")
-    rows = [("parameters (fp32 master)", est.params_bytes), ("gradients (fp32)", est.grads_bytes),
-            ("optimizer (AdamW, fp32)", est.optimizer_bytes), ("gathered params/grads (FSDP2)", est.gathered_bytes),
-            ("activations", est.activation_bytes), ("total per rank", est.total_bytes)]
-    width = max(len(r[0]) for r in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value / GIB:10.2f} GiB")
-    print("  (+10-20% for allocator fragmentation, communication buffers and workspaces)")
-    return 0

@@ -48,10 +48,10 @@ def write_corpus(path: Path, n_stories: int = 6000, seed: int = 0) -> Path:
 
 
 def run_demo(out: Path, *, steps: int = 200) -> None:
-    from .config import PretrainConfig, validate_config
-    from .data import prepare_dataset
-    from .tokenizer import train_bpe
-    from .train.pretrain import pretrain
+    from ..config import PretrainConfig, validate_config
+    from ..data import prepare_dataset
+    from ..tokenizer import train_bpe
+    from .pretrain import pretrain
 
     out = Path(out)
     corpus = write_corpus(out / "stories.txt")
@@ -87,7 +87,7 @@ def run_demo(out: Path, *, steps: int = 200) -> None:
     if outcome.result.final_eval:
         print(f"validation loss {outcome.result.final_eval['val_loss']:.3f} "
               f"(perplexity {outcome.result.final_eval['val_ppl']:.2f})")
-    from .model.generate import sample
+    from ..model.inference.generate import sample
 
     prompt = "Once upon a time,"
     ids = sample(outcome.model, outcome.tokenizer.encode(prompt, add_bos=True), max_new_tokens=60, temperature=0.7,

@@ -1,0 +1,76 @@
+"""`forgeline import hf|gguf` and `forgeline export hf|consolidate`: models in and out of other formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    imp = sub.add_parser("import", help="convert a Hugging Face dir or a GGUF file into a forgeline model dir")
+    imp_sub = imp.add_subparsers(dest="format", required=True)
+    for fmt, what in (("hf", "a Hugging Face Llama/Mistral/Qwen2 directory"), ("gguf", "a llama.cpp .gguf file")):
+        p = imp_sub.add_parser(fmt, help=f"import {what}")
+        p.add_argument("source", metavar="DIR" if fmt == "hf" else "FILE")
+        p.add_argument("out", nargs="?", metavar="OUT_DIR", help="default: ./<name>-forgeline")
+        p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+        p.set_defaults(func=import_model)
+    exp = sub.add_parser("export", help="export a model to another format").add_subparsers(dest="format",
+                                                                                            required=True)
+    p = exp.add_parser("hf", help="write a transformers-loadable directory from a run, a checkpoint of any layout "
+                                  "(sharded DCP included) or a model dir")
+    p.add_argument("source", metavar="RUN_OR_CKPT")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--dtype", default=None, help="stored dtype (default: the model's)")
+    p.add_argument("--max-shard-size", default="5GB", help="split the weights past this size (default 5GB)")
+    p.add_argument("--architecture", default=None, help="LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM "
+                                                        "(default: the source's, else Llama, Qwen2 with qkv_bias)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir, when the checkpoint has none beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=export_hf)
+    p = exp.add_parser("consolidate", help="one safetensors model dir from a checkpoint of any layout (sharded DCP "
+                                           "checkpoints included)")
+    p.add_argument("checkpoint", metavar="CKPT", help="a checkpoint (run_dir/checkpoints/step_N) or a run dir (its "
+                                                      "newest checkpoint)")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the one the run used)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=export_consolidate)
+
+
+def import_model(args) -> int:
+    from ...model.formats import describe
+    from ...model.formats.hf import load_hf
+    from ...model.formats.model_dir import save_imported
+
+    src = Path(args.source)
+    out = Path(args.out) if args.out else Path(f"{src.stem if args.format == 'gguf' else src.name}-forgeline")
+    if args.format == "gguf":
+        from ...model.formats.gguf import load_gguf
+
+        loaded = load_gguf(src, dtype=args.dtype)
+    else:
+        loaded = load_hf(src, dtype=args.dtype)
+    save_imported(loaded, out, overwrite=args.overwrite)
+    print(f"imported {describe(loaded)}\nforgeline model written to {out}")
+    return 0
+
+
+def export_hf(args) -> int:
+    from ...model.formats.hf import export_hf as export
+    from ...tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    out = export(args.source, args.out, tokenizer=tokenizer, architecture=args.architecture, dtype=args.dtype,
+                 max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"Hugging Face model written to {out}")
+    return 0
+
+
+def export_consolidate(args) -> int:
+    from ...parallel.checkpoint import consolidate
+
+    out = consolidate(Path(args.checkpoint), Path(args.out), tokenizer_dir=Path(args.tokenizer) if args.tokenizer
+                      else None, overwrite=args.overwrite)
+    print(f"consolidated model written to {out}")
+    return 0

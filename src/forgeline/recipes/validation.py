@@ -1,0 +1,46 @@
+"""Held-out loss for any stage whose objective is a summed loss over counted targets: every rank evaluates its
+share of the validation batches under the run's layout, and the sums are reduced before dividing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from ..train.distributed import all_reduce_sum
+from ..train.executor import StepExecutor
+from .setup import Run
+
+
+def loss_eval_fn(run: Run, val_loader, loss_fn, *, max_batches: int | None = None,
+                 tokens_per_byte: float | None = None) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """`val_loss` (mean over targets), `val_ppl`, and with `tokens_per_byte` the bits per byte of the text, which
+    make runs with different tokenizers comparable."""
+    executor = run.executor or StepExecutor(run.dist)
+    cfg = run.cfg
+    limit = max_batches or cfg.monitor.val_batches
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        for batch in val_loader.iter_eval_batches(limit):
+            loss = executor.evaluate(model, loss_fn, batch, precision=cfg.train.precision, device=run.dist.device)
+            if executor.reports_loss:
+                loss_sum += loss
+            if executor.counts_targets:
+                count += int(batch["n_targets"])
+        loss_sum, count = all_reduce_sum(loss_sum), all_reduce_sum(count)
+        model.train(was_training)
+        if count.item() == 0:
+            return {}
+        val_loss = float(loss_sum / count)
+        out: dict[str, Any] = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if tokens_per_byte is not None:  # nats/token -> bits/token -> bits/byte
+            out["val_bpb"] = val_loss / math.log(2) * tokens_per_byte
+        return out
+
+    return evaluate
