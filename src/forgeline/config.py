@@ -250,7 +250,10 @@ class SFTDataConfig(Strict):
         "auto", description="instruction {instruction,input,output}, messages [{role,content}], sharegpt "
                             "[{from,value}]; auto: from the first record")
     fields: dict[str, str] = Field(default_factory=dict, description="renamed fields, e.g. {output: response}")
-    system_prompt: str | None = Field(None, description="a system turn put before instruction-format records")
+    system_prompt: str | None = Field(None, description="a system turn put before records that have none")
+    instruction_style: Literal["alpaca", "plain"] = Field(
+        "alpaca", description="instruction records as the user turn: the Stanford Alpaca prompt, or plain text "
+                              "(the instruction, a blank line, the input)")
     template: str = Field("auto", description="chat template: auto (the model's, else chatml), model, chatml, "
                                              "llama3")
     add_special_tokens: bool = Field(False, description="add the template's special tokens the tokenizer lacks "

@@ -203,6 +203,26 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self._chat_template
 
+    @chat_template.setter
+    def chat_template(self, source: str | None) -> None:
+        """The template a fine-tuning run trained with replaces the one loaded, so that it is saved with the run's
+        tokenizer and every model exported from it."""
+        if source is not None and not isinstance(source, str):
+            raise ConfigError(f"chat_template must be a string, got {type(source).__name__}")
+        self._chat_template = source
+
+    @property
+    def unk_token(self) -> str | None:
+        return self._unk_token
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> None:
+        """Add `tokens` as special tokens (matched whole in any text, never normalized) at the next free ids;
+        existing ids do not move."""
+        from tokenizers import AddedToken
+
+        self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        self._fingerprint = None  # it covers the vocabulary
+
     @property
     def fingerprint(self) -> str:
         """sha256 of the canonical tokenizer.json plus the BOS/EOS/PAD roles.

@@ -289,19 +289,11 @@ def missing_special_tokens(tokenizer: Tokenizer, tokens: Sequence[str]) -> list[
 
 
 def add_special_tokens_to(tokenizer: Tokenizer, tokens: Sequence[str]) -> list[str]:
-    """Add ``tokens`` as special tokens (matched whole in any text, never normalized) and return those added.
-
-    The Rust tokenizer behind :class:`Tokenizer` is mutable, so no new tokenizer object is needed; new tokens take
-    the next free ids, so ``tokenizer.vocab_size`` grows by ``len(tokens)`` and existing ids do not move.
-    """
-    from tokenizers import AddedToken
-
+    """Add the ``tokens`` the tokenizer lacks as special tokens (in place; ``tokenizer.vocab_size`` grows by their
+    number and existing ids do not move) and return those added."""
     tokens = missing_special_tokens(tokenizer, tokens)
     if tokens:
-        tokenizer.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
-        # The fingerprint (recorded by prepared data) is cached on first use and covers the vocabulary.
-        if getattr(tokenizer, "_fingerprint", None) is not None:
-            tokenizer._fingerprint = None
+        tokenizer.add_special_tokens(tokens)
     return list(tokens)
 
 
@@ -365,7 +357,7 @@ def _render_tracked(source: str, messages: list[dict], add_generation_prompt: bo
             eos_token=tokenizer.eos_token,
             pad_token=tokenizer.pad_token,
             # Tokenizer has no public unk_token; templates that print it are vanishingly rare.
-            unk_token=getattr(tokenizer, "_unk_token", None),
+            unk_token=tokenizer.unk_token,
         ):
             blocks.append(block)
     except jinja2.TemplateError as e:
