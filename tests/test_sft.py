@@ -104,6 +104,12 @@ def test_sft_from_a_pretrained_run_to_a_chat_model(tmp_path, base_run, chat_data
     im_end = loaded.tokenizer.token_to_id("<|im_end|>")
     assert im_end in loaded.generation_config["eos_token_id"]  # a generated turn stops at its end-of-turn token
     assert (run / "tokenizer" / "tokenizer.json").is_file()  # the run's tokenizer, with the template it used
+    # the Hugging Face export of the run carries both: transformers stops generating at the end of a turn
+    assert main(["export", "hf", str(run), str(tmp_path / "hf")]) == 0
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert im_end in eos
+    assert "<|im_start|>" in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"]
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(tmp_path, base_run, chat_data):
@@ -199,3 +205,12 @@ def test_sft_needs_a_model_and_existing_data(tmp_path, base_run, chat_data, caps
     assert "nowhere" in capsys.readouterr().err
     assert main(["sft", str(cfg), f"data.train=[{tmp_path / 'missing.jsonl'}]"]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("sft-*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_sft_recipe_files_are_valid_configs(recipe):
+    from forgeline.config import SFTConfig, load_config
+
+    cfg = load_config(SFTConfig, recipe)
+    assert cfg.init is not None and cfg.data.train and cfg.train.precision == "bf16"
