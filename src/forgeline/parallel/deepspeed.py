@@ -47,15 +47,19 @@ def import_deepspeed(device: torch.device):
 
 
 class LossModule(nn.Module):
-    """forward(batch) = loss_fn(model, batch): the whole objective inside one forward, as ZeRO-3 needs."""
+    """forward(batch) = loss_fn(model, batch): the whole objective inside one forward, as ZeRO-3 needs. The engine
+    sees only the loss tensor (ZeRO-3's hooks follow tensors in tuples and dicts, not inside a dataclass); the rest
+    of the objective's output waits in `last`."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.loss_fn = None
+        self.last = None
 
-    def forward(self, batch: dict[str, Any]):
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        self.last = self.loss_fn(self.model, batch)
+        return self.last.loss
 
 
 class DeepSpeedExecutor(StepExecutor):
@@ -69,16 +73,16 @@ class DeepSpeedExecutor(StepExecutor):
         for batch in micro_batches:
             # no autocast: with train.precision=bf16 DeepSpeed holds bf16 parameters (fp32 master copies in the
             # optimizer) and the model computes in bf16 directly
-            out = self.engine(to_device(batch, device))
+            loss = self.engine(to_device(batch, device))
             # our scale already turns DeepSpeed's mean over ranks into the mean over the step's targets
-            self.engine.backward(out.loss * scale, scale_wrt_gas=False)
-            totals.add(out)
+            self.engine.backward(loss * scale, scale_wrt_gas=False)
+            totals.add(self.engine.module.last)
         return totals
 
     @torch.no_grad()
     def evaluate(self, model, loss_fn, batch, *, precision, device):
         self.engine.module.loss_fn = loss_fn
-        return self.engine(to_device(batch, device)).loss.detach().double().cpu()
+        return self.engine(to_device(batch, device)).detach().double().cpu()
 
     def clip_grad_norm(self, params, max_norm) -> float:
         # The norm DeepSpeed's step will clip with (ZeRO-3's partitioned gradients, all-reduced).
