@@ -214,3 +214,30 @@ def test_the_sft_recipe_files_are_valid_configs(recipe):
 
     cfg = load_config(SFTConfig, recipe)
     assert cfg.init is not None and cfg.data.train and cfg.train.precision == "bf16"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path, base_run, chat_data):
+    # a scheduler signals the command it started: `forgeline sft --nproc 2` passes it on to torchrun and its ranks
+    run = tmp_path / "run"
+    cfg = sft_config(tmp_path / "x.yaml", base_run, chat_data, run,
+                     train={"max_steps": 5000, "epochs": None, "global_batch_samples": None, "micro_batch_size": 2},
+                     checkpoint={"every": 10000})
+    proc = subprocess.Popen([sys.executable, "-m", "forgeline", "sft", str(cfg), "--nproc", "2"], env=ENV,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted by SIGTERM" in err and "Traceback" not in err
+    steps = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert steps and 3 <= steps[-1] < 5000 and not (run / "model").exists()

@@ -316,7 +316,7 @@ class Tokenizer:
         import jinja2
 
         try:
-            template = _compile_chat_template(self._chat_template)
+            template = compile_chat_template(self._chat_template)
             rendered = template.render(
                 messages=plain,
                 tools=None,
@@ -566,11 +566,13 @@ def _model_max_length(config: dict[str, Any] | None, where: Path) -> int | None:
     return value if value < 10**12 else None
 
 
-@functools.lru_cache(maxsize=16)
-def _compile_chat_template(source: str):
+@functools.lru_cache(maxsize=32)
+def compile_chat_template(source: str, on_generation=None):
     """Build the template the way transformers does, so that Hub templates render byte-identically.
 
     The environment is sandboxed because chat templates ship inside downloaded tokenizers and are untrusted code.
+    `on_generation(text)` is called with the output of every `{% generation %}` block as it renders (assistant
+    masks are built from where those blocks land); rendering alone ignores the tag.
     """
     import jinja2
     import jinja2.ext
@@ -587,7 +589,10 @@ def _compile_chat_template(source: str):
             return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
         def _render(self, caller):
-            return caller()
+            text = caller()
+            if on_generation is not None:
+                on_generation(text)
+            return text
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)

@@ -34,18 +34,15 @@ grow to ``tokenizer.vocab_size`` (:func:`forgeline.model.resize.resize_token_emb
 from __future__ import annotations
 
 import contextvars
-import functools
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 import numpy as np
 
 from forgeline.errors import ConfigError, DataError, ForgelineError
-from forgeline.tokenizer import Tokenizer
+from forgeline.tokenizer import Tokenizer, compile_chat_template
 
 from .packing import TokenizedSample
 
@@ -367,48 +364,20 @@ def _render_tracked(source: str, messages: list[dict], add_generation_prompt: bo
     return "".join(blocks), spans
 
 
-@functools.lru_cache(maxsize=16)
+def _record_generation(text: str) -> None:
+    """Where a `{% generation %}` body lands in the output, as transformers' AssistantTracker records it: at the
+    moment the block renders, everything before it has been yielded already."""
+    state = _TRACKER.get()
+    if state is not None:
+        blocks, spans = state
+        start = sum(len(b) for b in blocks)
+        spans.append((start, start + len(text)))
+
+
 def _compile_tracking_template(source: str):
-    """The environment transformers renders chat templates in (sandboxed: templates ship inside downloaded
-    tokenizers), whose ``{% generation %}`` tag records where its body lands in the output, as transformers'
-    AssistantTracker does: at the moment the block renders, everything before it has been yielded already."""
     import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class _GenerationTracker(jinja2.ext.Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
-
-        def _track(self, caller):
-            text = caller()
-            state = _TRACKER.get()
-            if state is not None:
-                blocks, spans = state
-                start = sum(len(b) for b in blocks)
-                spans.append((start, start + len(text)))
-            return text
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
     try:
-        return env.from_string(source)
+        return compile_chat_template(source, on_generation=_record_generation)
     except jinja2.TemplateSyntaxError as e:
         raise ConfigError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from None
