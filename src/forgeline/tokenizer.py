@@ -215,6 +215,11 @@ class Tokenizer:
     def unk_token(self) -> str | None:
         return self._unk_token
 
+    def template_variables(self) -> dict[str, Any]:
+        """What transformers passes every chat template besides the messages."""
+        return dict(tools=None, documents=None, bos_token=self._bos_token, eos_token=self._eos_token,
+                    pad_token=self._pad_token, unk_token=self._unk_token)
+
     def add_special_tokens(self, tokens: Sequence[str]) -> None:
         """Add `tokens` as special tokens (matched whole in any text, never normalized) at the next free ids;
         existing ids do not move."""
@@ -317,16 +322,8 @@ class Tokenizer:
 
         try:
             template = compile_chat_template(self._chat_template)
-            rendered = template.render(
-                messages=plain,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos_token,
-                eos_token=self._eos_token,
-                pad_token=self._pad_token,
-                unk_token=self._unk_token,
-            )
+            rendered = template.render(messages=plain, add_generation_prompt=add_generation_prompt,
+                                       **self.template_variables())
         except jinja2.TemplateError as e:
             raise ForgelineError(f"chat template failed: {e}") from None
         return self.encode(rendered) if tokenize else rendered

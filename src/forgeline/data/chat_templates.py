@@ -345,17 +345,8 @@ def _render_tracked(source: str, messages: list[dict], add_generation_prompt: bo
     spans: list[tuple[int, int]] = []
     token = _TRACKER.set((blocks, spans))
     try:
-        for block in template.generate(
-            messages=messages,
-            tools=None,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=tokenizer.bos_token,
-            eos_token=tokenizer.eos_token,
-            pad_token=tokenizer.pad_token,
-            # Tokenizer has no public unk_token; templates that print it are vanishingly rare.
-            unk_token=tokenizer.unk_token,
-        ):
+        for block in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       **tokenizer.template_variables()):
             blocks.append(block)
     except jinja2.TemplateError as e:
         raise DataError(f"chat template failed: {e}") from None

@@ -34,7 +34,7 @@ from forgeline.errors import ConfigError, DataError
 
 from .chat_templates import LOSS_ON, ChatTemplate
 from .packing import TokenizedSample
-from .sources import Inputs, _format_of, _open_binary, _utf8_error, resolve_inputs
+from .sources import Inputs, _format_of, _open_binary, _utf8_error, iter_jsonl_lines, resolve_inputs
 
 __all__ = [
     "FORMATS",
@@ -310,24 +310,12 @@ def iter_file_records(path: Path) -> Iterator[tuple[int | None, str | None, Any]
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int | None, str | None, Any]]:
-    with _open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"invalid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
-                    "forgeline reads text as strict UTF-8, re-encode the file",
-                    path,
-                    lineno,
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record: Any = json.loads(line)
-            except json.JSONDecodeError as e:
-                record = RecordError(f"malformed JSON: {e.msg} (column {e.colno})")
-            yield lineno, None, record
+    for lineno, line in iter_jsonl_lines(path):
+        try:
+            record: Any = json.loads(line)
+        except json.JSONDecodeError as e:
+            record = RecordError(f"malformed JSON: {e.msg} (column {e.colno})")
+        yield lineno, None, record
 
 
 def _json_records(path: Path) -> Iterator[tuple[int | None, str | None, Any]]:

@@ -195,7 +195,9 @@ def _iter_text(path: Path, separator: str) -> Iterator[str]:
         yield doc.strip("\n")
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line of a JSONL file (plain or .gz), decoded as strict UTF-8: the
+    first bad byte is an error naming the file, line and column."""
     with _open_binary(path) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -207,13 +209,17 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
                     path,
                     lineno,
                 ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path, lineno) from None
-            yield _record_text(record, text_field, path, lineno, where="")
+            if line.strip():
+                yield lineno, line
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, line in iter_jsonl_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path, lineno) from None
+        yield _record_text(record, text_field, path, lineno, where="")
 
 
 def _iter_json(path: Path, text_field: str) -> Iterator[str]:

@@ -239,8 +239,8 @@ class Run:
 
     def frozen(self, source: str | Path) -> nn.Module:
         """A model that is only evaluated (a reference or reward model), placed beside the trained one: its own
-        copy on every rank for whole-model layouts, fully sharded under FSDP2; never in the optimizer or the
-        checkpoints."""
+        copy on every rank for whole-model layouts, sharded like the trained model under FSDP2; in eval mode, with
+        no gradients, and never in the optimizer or the checkpoints."""
         if not self.whole_model and (self.layout.tp > 1 or self.layout.pp > 1 or
                                      self.cfg.parallel.backend == "deepspeed"):
             raise ConfigError(f"a frozen model under the layout {self.layout.describe()} is not supported; use DDP "
@@ -250,12 +250,12 @@ class Run:
         if not self.whole_model:
             from torch.distributed.fsdp import fully_shard
 
-            from ..parallel.apply import build_mesh
+            from ..parallel.apply import build_mesh, dp_mesh
 
-            mesh = build_mesh(self.layout, self.dist.device)
+            mesh = dp_mesh(build_mesh(self.layout, self.dist.device), self.layout)
             for block in model.layers.values():
-                fully_shard(block, mesh=mesh["dp_shard"] if "dp_shard" in mesh.mesh_dim_names else mesh)
-            fully_shard(model, mesh=mesh["dp_shard"] if "dp_shard" in mesh.mesh_dim_names else mesh)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         return model
 
     # -- the loop ------------------------------------------------------------------------------------------------
