@@ -290,3 +290,30 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, story_dataset)
         assert "layers.0.attention.wq.weight" in model.state_dict()
         assert (type(model.layers["0"]).__name__ == "CheckpointWrapper") == checkpointing
     assert histories[0] == pytest.approx(histories[1], abs=1e-6)
+
+
+def test_metrics_and_tokens_are_reduced_over_the_whole_step(tmp_path):
+    # two micro-batches with very different numbers of targets: a mean of micro-batch means would weigh the
+    # 2-target batch like the 30-target one; the logged metric must be the mean over all 32 targets of the step
+    torch.manual_seed(3)
+    ids = torch.randint(0, 64, (2, 17))
+    a_targets, b_targets = ids[:1, 1:].clone(), ids[1:, 1:].clone()
+    a_targets[0, 2:] = -100  # 2 targets
+    b_targets[0, 0] = -100  # 15 targets
+    batches = [
+        {"input_ids": ids[:1, :-1], "targets": a_targets, "n_targets": 2, "n_tokens": 16},
+        {"input_ids": ids[1:, :-1], "targets": b_targets, "n_targets": 15, "n_tokens": 16},
+    ]
+
+    def with_metric(model, batch):
+        out = causal_lm_loss(model, batch)
+        kept = batch["targets"][batch["targets"] != -100]
+        return dataclasses.replace(out, metrics={"target_id": float(kept.sum())})  # a sum over the units
+
+    trainer = make_trainer(small_model(), ListLoader(batches), tmp_path, accum=2, loss_fn=with_metric, max_steps=1)
+    result = trainer.fit()
+    (record,) = [r for r in result.history if "loss" in r]
+    every_target = torch.cat([a_targets[a_targets != -100], b_targets[b_targets != -100]]).float()
+    assert record["target_id"] == pytest.approx(float(every_target.mean()))
+    assert record["loss_units"] == 17 and record["step_tokens"] == 32  # loss over targets, speed over tokens
+    assert result.tokens_seen == 32
