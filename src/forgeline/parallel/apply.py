@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PretrainConfig
+from ..config import StageConfig
 from ..errors import ConfigError
 from ..model.transformer import Transformer
 from ..train.distributed import DistInfo
@@ -181,7 +181,7 @@ def apply_compile(model: Transformer) -> None:
         block.compile()
 
 
-def mixed_precision_policy(cfg: PretrainConfig):
+def mixed_precision_policy(cfg: StageConfig):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -206,7 +206,7 @@ def apply_fsdp(stages: list[Transformer], mesh, *, reshard_after_forward: bool, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def parallelize(model: Transformer, cfg: PretrainConfig, layout: Layout, dist: DistInfo) -> Parallelized:
+def parallelize(model: Transformer, cfg: StageConfig, layout: Layout, dist: DistInfo) -> Parallelized:
     """Wrap a whole, initialised model (identical on every rank) for `layout`; see the module docstring."""
     from .executor import PipelineExecutor, ShardedExecutor
 
