@@ -6,7 +6,6 @@ The loss every next-token objective (pre-training, SFT, ORPO's NLL term) is made
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F

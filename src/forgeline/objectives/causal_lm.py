@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..kernels.cross_entropy import IGNORE_INDEX, cross_entropy_sum

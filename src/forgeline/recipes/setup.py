@@ -23,7 +23,7 @@ import json
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -44,7 +44,6 @@ from ..model.formats.checkpoint import RUN_TOKENIZER_DIR, latest_checkpoint, lis
 from ..train.checkpoint import select_checkpoint
 from ..train.distributed import DistInfo, barrier, init_distributed, shutdown, unwrap
 from ..train.executor import StepExecutor
-from ..train.optim import resolve_schedule
 from ..train.trainer import Trainer, TrainResult
 
 T = TypeVar("T")
@@ -171,7 +170,6 @@ class Run:
     executor: StepExecutor | None = None
     checkpointer: Any = None
     optimizer: torch.optim.Optimizer | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
