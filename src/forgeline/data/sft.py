@@ -34,7 +34,7 @@ from forgeline.errors import ConfigError, DataError
 
 from .chat_templates import LOSS_ON, ChatTemplate
 from .packing import TokenizedSample
-from .sources import Inputs, _format_of, _open_binary, _utf8_error, iter_jsonl_lines, resolve_inputs
+from .sources import Inputs, _format_of, iter_jsonl_lines, read_json_records, resolve_inputs
 
 __all__ = [
     "FORMATS",
@@ -319,25 +319,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int | None, str | None, Any]]:
 
 
 def _json_records(path: Path) -> Iterator[tuple[int | None, str | None, Any]]:
-    with _open_binary(path) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise _utf8_error(path) from None
-    try:
-        top = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path, e.lineno) from None
-    records = top
-    if isinstance(top, dict):
-        arrays = [key for key, value in top.items() if isinstance(value, list)]
-        if len(arrays) != 1:
-            raise DataError("expected a top-level array of records, or an object holding exactly one array", path)
-        records = top[arrays[0]]
-    elif not isinstance(top, list):
-        raise DataError(f"expected a top-level array of records, got {type(top).__name__}", path)
-    for i, record in enumerate(records):
+    for i, record in enumerate(read_json_records(path)):
         yield None, f"item {i}", record
 
 

@@ -222,7 +222,9 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         yield _record_text(record, text_field, path, lineno, where="")
 
 
-def _iter_json(path: Path, text_field: str) -> Iterator[str]:
+def read_json_records(path: Path) -> list:
+    """The records of a JSON file: a top-level array, or an object holding exactly one array (as some exports
+    wrap it), decoded as strict UTF-8."""
     with _open_binary(path) as f:
         data = f.read()
     try:
@@ -233,7 +235,6 @@ def _iter_json(path: Path, text_field: str) -> Iterator[str]:
         top = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON: {e.msg} (column {e.colno})", path, e.lineno) from None
-    records = top
     if isinstance(top, dict):
         arrays = [key for key, value in top.items() if isinstance(value, list)]
         if len(arrays) != 1:
@@ -243,10 +244,14 @@ def _iter_json(path: Path, text_field: str) -> Iterator[str]:
                 f"found an object with keys {keys}",
                 path,
             )
-        records = top[arrays[0]]
-    elif not isinstance(top, list):
+        return top[arrays[0]]
+    if not isinstance(top, list):
         raise DataError(f"expected a top-level array of objects, got {type(top).__name__}", path)
-    for i, record in enumerate(records):
+    return top
+
+
+def _iter_json(path: Path, text_field: str) -> Iterator[str]:
+    for i, record in enumerate(read_json_records(path)):
         yield _record_text(record, text_field, path, None, where=f"record {i}: ")
 
 
