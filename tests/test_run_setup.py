@@ -48,7 +48,9 @@ CHECK = textwrap.dedent('''
 
             with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
                 assert set(f.keys()) == set(model_state_dict(model))  # the trained model's weights, nothing else
-        print("frozen ok", type(reference).__name__)
+        # one write per line: two ranks share the pipe, and print() writes its pieces separately
+        sys.stdout.write(f"frozen ok {type(reference).__name__}\\n")
+        sys.stdout.flush()
 
     run_stage(cfg, False, body)
 ''')

@@ -8,6 +8,9 @@ model from outside (see the distributed issue) and never change the model file.
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +51,27 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        with _preemption_signals_blocked():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                    if device.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+@contextmanager
+def _preemption_signals_blocked():
+    """The threads the process group starts (gloo's I/O loop and workers) inherit this mask, so a preemption signal
+    is always delivered to the main thread, whose Python handler records it; a signal landing on a gloo thread
+    would interrupt its socket calls mid-collective instead."""
+    wanted = {getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)}
+    if not wanted or threading.current_thread() is not threading.main_thread() or not hasattr(signal,
+                                                                                               "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
