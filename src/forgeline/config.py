@@ -198,6 +198,44 @@ class ParallelConfig(Strict):
         return self.pp_stages_per_rank or (2 if self.pp_schedule == "interleaved_1f1b" else 1)
 
 
+PEFT_METHODS = ("lora", "dora", "qlora", "adapter")
+BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# group words a user may write in peft.target_modules, besides single names (forgeline's or Hugging Face's)
+TARGET_GROUPS = {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w1", "w2", "w3"), "all-linear": BLOCK_LINEARS}
+# the learning rate a parameter-efficient stage gets when train.lr is not set: adapters start at zero and need
+# about ten times full fine-tuning's rate (LoRA and QLoRA papers: 1e-4 to 2e-4)
+PEFT_DEFAULT_LR = 2e-4
+
+
+class PeftConfig(Strict):
+    """Train adapters on a frozen base instead of every weight (docs/peft.md)."""
+
+    method: Literal["lora", "dora", "qlora", "adapter"] = Field(
+        description="lora; dora (weight-decomposed LoRA); qlora (LoRA on a 4-bit NF4 base); adapter (bottleneck "
+                    "adapters after attention and MLP, which cannot be merged)")
+    r: int = Field(16, ge=1, description="LoRA rank (lora, dora, qlora)")
+    alpha: float = Field(32.0, gt=0, description="LoRA scale numerator: the update is alpha / r * B A")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="LoRA targets: wq wk wv wo w1 w2 w3 output, their Hugging Face names (q_proj ... lm_head), or "
+                    "attention, mlp, all-linear (every block projection)")
+    use_rslora: bool = Field(False, description="scale alpha / sqrt(r) (rank-stabilised LoRA)")
+    adapter_size: int = Field(64, ge=1, description="bottleneck width (method: adapter)")
+    quant_block_size: int = Field(64, ge=2, description="weights per NF4 absmax block (qlora)")
+    base_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="storage of the frozen base linear weights; auto: bf16 when train.precision is bf16 "
+                            "(what autocast would cast them to anyway), else fp32")
+
+    def expanded_targets(self) -> tuple[str, ...]:
+        """target_modules with the group words replaced by the names they stand for (single names are checked
+        against the model when the adapters are applied)."""
+        out: list[str] = []
+        for name in self.target_modules:
+            out += TARGET_GROUPS.get(name, (name,))
+        return tuple(dict.fromkeys(out))
+
+
 class StageConfig(Strict):
     """What every training stage has; a stage's config adds its own `data:` section (and its objective's keys).
 
@@ -216,6 +254,7 @@ class StageConfig(Strict):
     stability: StabilityConfig = StabilityConfig()
     monitor: MonitorConfig = MonitorConfig()
     parallel: ParallelConfig = ParallelConfig()
+    peft: PeftConfig | None = Field(None, description="adapters on a frozen base; None: every weight trains")
 
     def seq_len(self) -> int:
         """The longest sequence a micro-batch holds (memory planning, the layout's checks); stages with data say
@@ -278,7 +317,10 @@ class SFTConfig(StageConfig):
         if isinstance(data, dict):
             train = data.get("train")
             if train is None or isinstance(train, dict):
-                return {**data, "train": {**SFT_TRAIN_DEFAULTS, **(train or {})}}
+                defaults = dict(SFT_TRAIN_DEFAULTS)
+                if data.get("peft"):
+                    defaults["lr"] = PEFT_DEFAULT_LR
+                return {**data, "train": {**defaults, **(train or {})}}
         return data
 
     def seq_len(self) -> int:

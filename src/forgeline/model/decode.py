@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from .transformer import KVCache, Transformer, rope_cos_sin
+from .transformer import Attention, FeedForward, KVCache, Transformer, rope_cos_sin
 
 
 class NativeDecoder:
@@ -53,6 +53,8 @@ class NativeDecoder:
         params = [model.tok_embeddings.weight, model.norm.weight]
         for block in model.layers.values():
             att, ffn = block.attention, block.feed_forward
+            if type(att) is not Attention or type(ffn) is not FeedForward:
+                return None  # a wrapped sublayer (a bottleneck adapter): the kernels would skip its forward
             qkv += [att.wq, att.wk, att.wv]
             unbiased += [att.wo, ffn.w1, ffn.w2, ffn.w3]
             params += [block.attention_norm.weight, block.ffn_norm.weight]

@@ -48,9 +48,15 @@ from ..train.checkpoint import FullCheckpointer, checkpoint_meta, prune_checkpoi
 from ..train.distributed import barrier
 
 
-def _options(**kw):
+def _options(model=None, **kw):
+    """With a frozen base (adapters), only the trained weights are saved and loaded: the base comes from `init`
+    on every run (and its hash is checked against the checkpoint's trainer_state.json)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
+    from ..model.formats.model_dir import has_frozen_parameters
+
+    if model is not None and has_frozen_parameters(model):
+        kw.update(ignore_frozen_params=True, strict=False)
     return StateDictOptions(flatten_optimizer_state_dict=True, **kw)
 
 
@@ -116,7 +122,7 @@ class ShardedCheckpointer:
             # get_state_dict creates the state of an optimizer that has not stepped yet with a zero-lr step, which
             # counts as Adam's first step: save it as "not stepped" and give the optimizer its empty state back.
             fresh = optimizer is not None and not optimizer.state
-            model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
             if fresh:
                 optim_sd = {k: torch.zeros_like(v) if k.endswith(".step") and torch.is_tensor(v) else v
                             for k, v in optim_sd.items()}
@@ -194,7 +200,7 @@ def _load_dcp(dcp_dir: Path, *, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model))
     check_dcp_keys(dcp_dir.parent if dcp_dir.name == "dcp" else dcp_dir, model_sd, "model", dcp_dir=dcp_dir)
     to_load: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
@@ -202,7 +208,7 @@ def _load_dcp(dcp_dir: Path, *, model, optimizer) -> None:
         flags = [{k: g[k] for k in _IMPLEMENTATION_FLAGS if k in g} for g in optimizer.param_groups]
     dcp.load(to_load, checkpoint_id=str(dcp_dir))
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_sd,
-                   optim_state_dict=optim_sd if optimizer is not None else {}, options=_options())
+                   optim_state_dict=optim_sd if optimizer is not None else {}, options=_options(model))
     if optimizer is not None:
         for group, saved in zip(optimizer.param_groups, flags):
             group.update(saved)

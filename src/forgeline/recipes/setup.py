@@ -72,6 +72,11 @@ def check_parallel_config(cfg: StageConfig, world_size: int, *, pipeline_ok: boo
         if cfg.stability.max_rollbacks > 0:
             raise ConfigError("parallel.backend=deepspeed does not support the loss-spike rollback; set "
                               "stability.max_rollbacks=0 (non-finite steps are still skipped)")
+    if cfg.peft is not None and (layout.tp > 1 or layout.pp > 1 or cfg.parallel.backend == "deepspeed"):
+        raise ConfigError(f"peft.method={cfg.peft.method} runs under DDP and FSDP2 (parallel.dp_shard), not under "
+                          f"{layout.describe()}{' with parallel.backend=deepspeed' if cfg.parallel.backend == 'deepspeed' else ''}: "
+                          "tensor and pipeline layouts would shard the base and its adapters apart; adapters are small "
+                          "enough that data parallelism is the layout to use")
     if layout.pp > 1 and not pipeline_ok:
         raise ConfigError(f"parallel.pp={layout.pp}: pipeline parallelism runs fixed-shape pre-training batches "
                           f"only, not {stage}'s variable-length ones; use FSDP2 (parallel.dp_shard=-1) and/or "
@@ -170,6 +175,7 @@ class Run:
     executor: StepExecutor | None = None
     checkpointer: Any = None
     optimizer: torch.optim.Optimizer | None = None
+    peft: Any = None  # forgeline.peft.apply.PeftReport once adapters are applied (cfg.peft)
 
     @property
     def run_dir(self) -> Path:
@@ -204,6 +210,8 @@ class Run:
             resolve_layout(cfg.parallel, self.dist.world_size, model.cfg)
         if self.resume_from is not None:
             check_resume_compatible(self.resume_from, model.cfg)
+        if cfg.peft is not None:
+            self.apply_adapters(model)
         # auto keeps bf16 GEMMs under torch.compile and activation checkpointing, which do not see the function
         # mode that moves them to the fp32 units (the recomputed forward would take the other path)
         bf16_mode = cfg.train.bf16_matmul
@@ -234,6 +242,27 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(self.run_dir / RUN_TOKENIZER_DIR)
         barrier()
+
+    def apply_adapters(self, model: Transformer) -> None:
+        """The adapter step (cfg.peft): freeze the base, add the adapters; a resumed run's checkpoint must have been
+        trained on this same base (its hash), checked here, before any step runs."""
+        from ..peft.apply import apply_peft, base_fingerprint, check_base
+
+        fingerprint = base_fingerprint(model)
+        if self.resume_from is not None:
+            saved = _read_json(self.resume_from / "trainer_state.json").get("base")
+            if saved is None:
+                raise CheckpointError(f"{self.resume_from} holds a full model, not adapters trained with peft: "
+                                      f"{self.cfg.peft.method}; resume it without peft:, or start a new run_dir")
+            check_base(saved["sha256"], fingerprint, what=str(self.resume_from), base=self.cfg.init)
+        self.peft = apply_peft(model, self.cfg.peft, precision=self.cfg.train.precision, fingerprint=fingerprint)
+        self.print(self.peft.describe())
+
+    def base_reference(self):
+        from ..peft.apply import BaseReference
+
+        return BaseReference(path=str(self.cfg.init), sha256=self.peft.base_sha256, method=self.cfg.peft.method,
+                             peft=self.cfg.peft.model_dump(mode="json"))
 
     def frozen(self, source: str | Path) -> nn.Module:
         """A model that is only evaluated (a reference or reward model), placed beside the trained one: its own
@@ -266,7 +295,7 @@ class Run:
         config_yaml = dump_config(self.cfg)
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", config_yaml)
-        return Trainer(
+        trainer = Trainer(
             model=self.wrapped, loss_fn=loss_fn, train_loader=loader, train=train_cfg, checkpoint=self.cfg.checkpoint,
             stability=self.cfg.stability, monitor=self.cfg.monitor, run_dir=self.run_dir,
             config_yaml=config_yaml, dist=self.dist,
@@ -274,6 +303,10 @@ class Run:
             sample_fn=sample_fn if self.whole_model else None, executor=self.executor,
             checkpointer=self.checkpointer, optimizer=self.optimizer,
         )
+        if self.peft is not None:
+            ref = self.base_reference()
+            trainer.extra_state["base"] = {"path": ref.path, "sha256": ref.sha256, "method": ref.method}
+        return trainer
 
     def finish(self, trainer: Trainer, result: TrainResult, *, export: bool = True,
                generation_eos: list[str] | None = None) -> Path | None:
@@ -288,6 +321,8 @@ class Run:
             write_memory_report(self.run_dir, self.cfg, self.dist, unwrap(self.wrapped), trainer.optimizer)
         if not export:
             return None
+        if self.peft is not None:
+            return self._save_adapter()
         model_dir = self.run_dir / "model"
         tokenizer_dir = self.run_dir / RUN_TOKENIZER_DIR
         if self.whole_model:
@@ -304,6 +339,46 @@ class Run:
                             overwrite=True, generation_eos=generation_eos)
         barrier()
         return model_dir
+
+    def _save_adapter(self) -> Path:
+        """run_dir/adapter: the adapter in PEFT's format (forgeline's for bottleneck adapters), the base it belongs
+        to (forgeline_base.json) and the run's tokenizer; `forgeline merge` makes a whole model of it."""
+        from ..peft.apply import apply_peft, save_adapter
+
+        out = self.run_dir / "adapter"
+        state = _full_trainable_state(self)
+        if self.dist.is_main:
+            model = unwrap(self.wrapped)
+            if not self.whole_model:  # the sharded model cannot be written directly: a whole copy on rank 0
+                model, _ = initial_model(self.cfg, torch.device("cpu"))
+                apply_peft(model, self.cfg.peft, precision=self.cfg.train.precision,
+                           fingerprint=self.peft.base_sha256)
+                model.load_state_dict(state, strict=False)
+            save_adapter(model, self.cfg.peft, out, base=self.base_reference(), tokenizer=self.tokenizer,
+                         overwrite=True)
+            print(f"adapter written to {out} (base {self.cfg.init}); a whole model: forgeline merge {out} "
+                  f"--out {self.run_dir / 'merged'}", flush=True)
+        barrier()
+        return out
+
+
+def _full_trainable_state(run: "Run") -> dict[str, torch.Tensor] | None:
+    """The trained weights gathered whole on rank 0 (None on other ranks); collective under FSDP2."""
+    if run.whole_model:
+        model = unwrap(run.wrapped)
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(unwrap(run.wrapped), options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    return state if run.dist.is_main else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc})") from None
 
 
 def write_memory_report(run_dir: Path, cfg: StageConfig, dist: DistInfo, model, optimizer) -> None:

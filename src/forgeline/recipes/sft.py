@@ -54,7 +54,13 @@ def _sft(run: Run, cfg: SFTConfig, export: bool) -> SFTOutcome:
         raise ConfigError(f"init={cfg.init} has no tokenizer beside it; set tokenizer: to its directory")
 
     # The template decides the tokens; special tokens it adds grow the vocabulary before anything is placed.
+    vocab_before = tokenizer.vocab_size
     template = load_chat_template(tokenizer, cfg.data.template, add_special_tokens=cfg.data.add_special_tokens)
+    if cfg.peft is not None and tokenizer.vocab_size > vocab_before:
+        raise ConfigError(f"data.add_special_tokens added {tokenizer.vocab_size - vocab_before} token(s) for the "
+                          f"{template.name} template, whose embeddings would have to train, but peft.method="
+                          f"{cfg.peft.method} keeps the base frozen; use a template of tokens the model has "
+                          "(data.template: model) or full fine-tuning")
     if tokenizer.vocab_size > model.cfg.vocab_size:
         resize_token_embeddings(model, int(math.ceil(tokenizer.vocab_size / 64) * 64))
     tokenizer.chat_template = template.source  # saved with the run's tokenizer, the checkpoints and the model

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `checkpoints/step_00001000/`:
 
-    model.safetensors       weights (fp32 master copy), HF-style flat names
+    model.safetensors       weights (fp32 master copy), HF-style flat names; with a frozen base (adapters) only
+                            the trained weights, and trainer_state.json's `base` names the base (path, sha256)
     optimizer.safetensors   optimizer tensors (`state.<param index>.<name>`)
     rng.safetensors         torch CPU/CUDA generator states
     trainer_state.json      step, data position, schedule, stability state, optimizer hyperparameters, python/numpy RNG
@@ -42,7 +43,7 @@ from ..model.formats.checkpoint import (
     list_checkpoints,
     verify_checkpoint,
 )
-from ..model.formats.model_dir import load_model_state, model_state_dict
+from ..model.formats.model_dir import has_frozen_parameters, load_model_state, model_state_dict, trainable_state_dict
 
 
 def git_commit() -> str | None:
@@ -133,12 +134,15 @@ def save_checkpoint(
     re-save of the same step (after a rollback) replaces it."""
     final = Path(checkpoint_root) / checkpoint_name(step)
     with atomic_directory(final, overwrite=True, what="checkpoint") as tmp:
-        save_file(model_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        trainable_only = has_frozen_parameters(model)
+        weights = trainable_state_dict(model) if trainable_only else model_state_dict(model)
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         opt_tensors, opt_meta = _optimizer_to_tensors(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta)
+        state = dict(trainer_state, step=step, optimizer=opt_meta, rng=rng_meta,
+                     weights="trainable" if trainable_only else "all")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "meta.json").write_text(json.dumps(checkpoint_meta(step), indent=1))
@@ -172,7 +176,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
         state = json.loads((path / "trainer_state.json").read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path / 'trainer_state.json'} is not valid JSON: {exc}") from None
-    load_model_state(model, path / "model.safetensors")
+    load_model_state(model, path / "model.safetensors", trainable_only=state.get("weights") == "trainable")
     if optimizer is not None:
         _optimizer_from_tensors(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     if (path / "rng.safetensors").is_file():

@@ -157,6 +157,8 @@ class Trainer:
         self.grad_alerts = {"warmup": 0, "after": 0}  # this session's gradient-norm alerts
         self.stop_request = StopRequest()
         self._saved: tuple[int, Path | None] | None = None  # (step, path) of the last save
+        # what a stage adds to every checkpoint's trainer_state.json (an adapter run: the base it adapts)
+        self.extra_state: dict[str, Any] = {}
 
     # -- state ---------------------------------------------------------------------------------------------------
 
@@ -171,6 +173,7 @@ class Trainer:
             "schedule_config": {k: getattr(self.cfg, k) for k in SCHEDULE_FIELDS if hasattr(self.cfg, k)},
             "stability": self.detector.state_dict(),
             "world_size": self.dist.world_size,
+            **self.extra_state,
         }
 
     def save(self) -> Path | None:

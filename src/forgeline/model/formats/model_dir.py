@@ -61,13 +61,27 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model_state(model: torch.nn.Module, path: Path) -> None:
-    """model_state_dict's file back into `model` (whose tied output projection needs no tensor of its own)."""
+def has_frozen_parameters(model: torch.nn.Module) -> bool:
+    """Whether part of the model is a frozen base (adapters train, the rest is loaded from the base each run)."""
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the weights that train: what a checkpoint of an adapter run holds (the base is referenced, not copied)."""
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_model_state(model: torch.nn.Module, path: Path, *, trainable_only: bool = False) -> None:
+    """model_state_dict's file back into `model` (whose tied output projection needs no tensor of its own); with
+    `trainable_only`, trainable_state_dict's (every trainable weight, no frozen one)."""
     from safetensors.torch import load_file
 
     state = load_file(str(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"output.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
+    if trainable_only:
+        tied |= {name for name, p in model.named_parameters() if not p.requires_grad}
+        tied |= {name for name, _ in model.named_buffers()}
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
         raise CheckpointError(
