@@ -160,3 +160,16 @@ def test_two_ranks_match_one_process(tmp_path, base_run, chat_data, layout, meth
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4 if precision == "fp32" else 2e-2), step
     assert (multi / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_adapters_like_eager(tmp_path, base_run, chat_data):
+    steps = {"epochs": None, "max_steps": 2}
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert main(["sft", str(peft_config(tmp_path, base_run, chat_data, eager, "a.yaml", train=steps))]) == 0
+    assert main(["sft", str(peft_config(tmp_path, base_run, chat_data, compiled, "b.yaml",
+                                        train={**steps, "compile": True}))]) == 0
+    a, b = losses(eager), losses(compiled)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4)

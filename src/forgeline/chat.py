@@ -1,7 +1,8 @@
 """`forgeline generate` and `forgeline chat`: completions from the command line and an interactive terminal chat.
 
 MODEL is anything :func:`forgeline.model.load_model` reads: a forgeline model dir, a Hugging Face dir, a .gguf
-file, a training checkpoint or a run dir.
+file, a training checkpoint or a run dir; through the command line (which passes forgeline.recipes.adapted's loader
+as `load`) also an adapter directory or a run / checkpoint trained with `peft:`, on its base (`--base`).
 
 The chat renders the whole conversation with the model's chat template each turn, streams the reply as it is
 generated, and keeps the conversation until ``/reset``; ``/exit`` (or Ctrl-D) quits. When the conversation outgrows
@@ -30,8 +31,10 @@ HELP = "/reset clears the conversation, /history shows it, /exit quits"
 
 
 def add_generation_args(p) -> None:
-    p.add_argument("model", metavar="MODEL", help="forgeline model dir, Hugging Face dir, .gguf file, checkpoint or "
-                                                  "run dir")
+    p.add_argument("model", metavar="MODEL", help="forgeline model dir, Hugging Face dir, .gguf file, checkpoint, "
+                                                  "run dir or adapter dir")
+    p.add_argument("--base", default=None, metavar="BASE",
+                   help="the base model of an adapter dir or of a run trained with peft: (default: the one it records)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens per reply, >= 1 "
                                                                    "(default: 256 for generate, 512 for chat)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature, >= 0; 0 = greedy "
@@ -114,10 +117,12 @@ def stop_ids(loaded, *, chat: bool) -> set[int]:
     return ids
 
 
-def _load(args):
+def _load(args, load: Callable[[Any], Any] | None = None):
+    """The model to generate with: `load(args)` when the caller gives a loader (the command line's reads adapters
+    too), else load_model."""
     from .model.formats import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load(args) if load is not None else load_model(args.model, dtype=args.dtype)
     if loaded.tokenizer is None:
         raise ForgelineError(f"{args.model} has no tokenizer; generation from text needs one")
     return loaded
@@ -149,14 +154,14 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, record
 
 
-def main_generate(args) -> int:
+def main_generate(args, *, load: Callable[[Any], Any] | None = None) -> int:
     if not args.prompt and not args.input:
         raise ConfigError("give --prompt TEXT (repeatable) or --input PROMPTS.jsonl")
     if args.prompt and args.input:
         raise ConfigError("give --prompt or --input, not both")
     check_generation_args(args)  # before the model is loaded: a bad flag should not cost a minute of loading
     records = [{"prompt": p} for p in args.prompt] if args.prompt else [r for _, r in _read_jsonl(Path(args.input))]
-    loaded = _load(args)
+    loaded = _load(args, load)
     tok = loaded.tokenizer
     cfg = generation_config(loaded, args, default_max_new=256)
 
@@ -261,14 +266,14 @@ class ChatSession:
 
 
 def main_chat(args, *, stdin: TextIO | None = None, stdout: TextIO | None = None,
-              stderr: TextIO | None = None) -> int:
+              stderr: TextIO | None = None, load: Callable[[Any], Any] | None = None) -> int:
     from .model.formats import describe
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     check_generation_args(args)
-    loaded = _load(args)
+    loaded = _load(args, load)
     session = ChatSession(loaded, generation_config(loaded, args, default_max_new=512), system=args.system)
     stdout.write(f"forgeline chat: {describe(loaded)}\n{HELP}\n")
     stdout.flush()

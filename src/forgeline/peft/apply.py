@@ -161,7 +161,7 @@ def merge_adapters(model: nn.Module) -> int:
     if has_bottleneck(model):
         raise ConfigError("bottleneck adapters (peft.method: adapter) cannot be merged into the base weights (their "
                           "GELU sits between the two projections); use the adapter directory with its base "
-                          "(forgeline generate and init: read it) instead of a merged model")
+                          "(forgeline generate and chat read it) instead of a merged model")
     count = merge_lora(model)
     from .nf4 import NF4Linear
 

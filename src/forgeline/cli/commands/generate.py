@@ -1,4 +1,5 @@
-"""`forgeline generate` and `forgeline chat`: text from any model forgeline loads."""
+"""`forgeline generate` and `forgeline chat`: text from any model forgeline loads, adapted ones included (an adapter
+dir, or a run or checkpoint trained with peft:, on its base: forgeline.recipes.adapted)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,24 @@ def register(sub) -> None:
     p.set_defaults(func=chat)
 
 
+def load(args):
+    """The model to generate with; adapters merged for decoding (or kept, with bottleneck adapters), said in one line
+    on stderr unless --quiet."""
+    import sys
+
+    from ...recipes.adapted import load_for_generation
+
+    report = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    return load_for_generation(args.model, base=args.base, dtype=args.dtype, report=report)
+
+
 def generate(args) -> int:
     from ...chat import main_generate
 
-    return main_generate(args)
+    return main_generate(args, load=load)
 
 
 def chat(args) -> int:
     from ...chat import main_chat
 
-    return main_chat(args)
+    return main_chat(args, load=load)

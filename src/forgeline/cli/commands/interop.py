@@ -1,4 +1,5 @@
-"""`forgeline import hf|gguf` and `forgeline export hf|consolidate`: models in and out of other formats."""
+"""`forgeline import hf|gguf|peft` and `forgeline export hf|consolidate`: models (and adapters) in and out of other
+formats."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    imp = sub.add_parser("import", help="convert a Hugging Face dir or a GGUF file into a forgeline model dir")
+    imp = sub.add_parser("import", help="convert a Hugging Face dir or a GGUF file into a forgeline model dir (or "
+                                        "a PEFT adapter into a forgeline adapter dir)")
     imp_sub = imp.add_subparsers(dest="format", required=True)
     for fmt, what in (("hf", "a Hugging Face Llama/Mistral/Qwen2 directory"), ("gguf", "a llama.cpp .gguf file")):
         p = imp_sub.add_parser(fmt, help=f"import {what}")
@@ -15,10 +17,21 @@ def register(sub) -> None:
         p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
         p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
         p.set_defaults(func=import_model)
+    p = imp_sub.add_parser("peft", help="a PEFT LoRA/DoRA adapter dir (save_pretrained) onto a local base -> a "
+                                        "forgeline adapter dir that generate, merge and export hf read without --base")
+    p.add_argument("source", metavar="DIR", help="the PEFT adapter dir (adapter_config.json + "
+                                                 "adapter_model.safetensors)")
+    p.add_argument("out", nargs="?", metavar="OUT_DIR", help="default: ./<name>-forgeline (or --out)")
+    p.add_argument("--out", dest="out_option", default=None, metavar="OUT_DIR", help="the same as OUT_DIR")
+    p.add_argument("--base", required=True, metavar="MODEL",
+                   help="the base model the adapter was trained on, as forgeline reads it (model dir, HF dir, ...)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.set_defaults(func=import_peft)
     exp = sub.add_parser("export", help="export a model to another format").add_subparsers(dest="format",
                                                                                             required=True)
     p = exp.add_parser("hf", help="write a transformers-loadable directory from a run, a checkpoint of any layout "
-                                  "(sharded DCP included) or a model dir")
+                                  "(sharded DCP included), a model dir or adapters (merged; --adapter-only: PEFT's "
+                                  "format)")
     p.add_argument("source", metavar="RUN_OR_CKPT")
     p.add_argument("out", metavar="OUT_DIR")
     p.add_argument("--dtype", default=None, help="stored dtype (default: the model's)")
@@ -26,6 +39,11 @@ def register(sub) -> None:
     p.add_argument("--architecture", default=None, help="LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM "
                                                         "(default: the source's, else Llama, Qwen2 with qkv_bias)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir, when the checkpoint has none beside it")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="an adapter source (adapter dir, run or checkpoint trained with peft:): write the adapter "
+                        "alone in PEFT's format instead of the merged model")
+    p.add_argument("--base", default=None, metavar="MODEL",
+                   help="the base model of an adapter source (default: the one it records)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.set_defaults(func=export_hf)
     p = exp.add_parser("consolidate", help="one safetensors model dir from a checkpoint of any layout (sharded DCP "
@@ -56,13 +74,41 @@ def import_model(args) -> int:
     return 0
 
 
+def import_peft(args) -> int:
+    from ...errors import ConfigError
+    from ...recipes.adapted import import_peft_adapter
+
+    if args.out and args.out_option and args.out != args.out_option:
+        raise ConfigError(f"two output directories given ({args.out} and --out {args.out_option}); give one")
+    out = Path(args.out or args.out_option or f"{Path(args.source).name}-forgeline")
+    out, info = import_peft_adapter(args.source, args.base, out, overwrite=args.overwrite)
+    print(f"imported a {info.method} adapter on {info.base.path} (weights sha256 {info.base.sha256[:12]}...)\n"
+          f"forgeline adapter dir written to {out}")
+    return 0
+
+
 def export_hf(args) -> int:
+    from ...errors import ConfigError
     from ...model.formats.hf import export_hf as export
+    from ...recipes.adapted import export_adapter, export_merged_hf, find_adapters
     from ...tokenizer import Tokenizer
 
+    found = find_adapters(args.source)
+    if args.adapter_only:
+        out, info = export_adapter(found or args.source, args.out, base=args.base, overwrite=args.overwrite)
+        print(f"{info.method} adapter written to {out} in PEFT's format (base {info.base.path}); load it with "
+              "peft.PeftModel.from_pretrained on the `forgeline export hf` of that base")
+        return 0
+    if found is None and args.base is not None:
+        raise ConfigError(f"--base is the base model of adapters, and {args.source} holds none: it is a whole model")
     tokenizer = Tokenizer.load(args.tokenizer) if args.tokenizer else None
-    out = export(args.source, args.out, tokenizer=tokenizer, architecture=args.architecture, dtype=args.dtype,
-                 max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    options = dict(tokenizer=tokenizer, architecture=args.architecture, dtype=args.dtype,
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    if found is not None:
+        out, info = export_merged_hf(found, args.out, base=args.base, **options)
+        print(f"{info.method} adapter merged into {info.base.path}; Hugging Face model written to {out}")
+        return 0
+    out = export(args.source, args.out, **options)
     print(f"Hugging Face model written to {out}")
     return 0
 

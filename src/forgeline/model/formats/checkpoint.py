@@ -9,7 +9,10 @@ its `config.yaml` holds the model config, and the weights are in one of three la
 
 This module names and lists checkpoints, verifies them against their manifests (passing over damaged ones), reads
 their weights into one whole model (`load_consolidated_model`, `read_checkpoint`) and finds the tokenizer the run
-trained with (`find_run_tokenizer`). Resuming training from a checkpoint is the training packages' business.
+trained with (`find_run_tokenizer`). A checkpoint of an adapter run (`peft:`) holds the adapters only
+(`is_adapter_checkpoint`): reading it as a whole model is one clear error pointing to `forgeline merge`, and
+forgeline.recipes.adapted reads it onto its base. Resuming training from a checkpoint is the training packages'
+business.
 """
 
 from __future__ import annotations
@@ -153,6 +156,24 @@ def looks_like_checkpoint(path: Path) -> bool:
     dir also has a config.yaml, but neither weights nor trainer_state.json."""
     path = Path(path)
     return (path / "config.yaml").is_file() and (has_model_weights(path) or (path / "trainer_state.json").is_file())
+
+
+def is_adapter_checkpoint(checkpoint: Path) -> bool:
+    """A checkpoint of an adapter run (`peft:`): its weights are the adapters only and its trainer_state.json names
+    the base they belong to (`base`: path, sha256, method); the base is referenced, never copied."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(state, dict) and (state.get("weights") == "trainable" or isinstance(state.get("base"), dict))
+
+
+def refuse_adapter_checkpoint(checkpoint: Path) -> None:
+    """The clear error for reading an adapter run's checkpoint as a whole model (its base weights are not in it)."""
+    if is_adapter_checkpoint(checkpoint):
+        raise CheckpointError(f"{checkpoint} holds adapter weights only (a run with peft:; its base is referenced, "
+                              f"not copied): `forgeline merge {checkpoint} --out DIR` makes a whole model of it, and "
+                              "forgeline generate, chat and export hf read it as it is")
 
 
 def resolve_checkpoint_source(source: Path, *, report: Callable[[str], None] | None = print_stderr) -> Path:
@@ -301,6 +322,7 @@ def load_consolidated_model(checkpoint: Path, *, verify: bool = True) -> Transfo
     process without a process group. `verify`: check the files against the checkpoint's manifest first."""
     checkpoint = Path(checkpoint)
     model_cfg = read_checkpoint_model_config(checkpoint)
+    refuse_adapter_checkpoint(checkpoint)
     if not has_model_weights(checkpoint):
         hint = " (a run dir? give one of its checkpoints/step_N)" if (checkpoint / "checkpoints").is_dir() else ""
         raise CheckpointError(f"{checkpoint} holds no model weights: expected model.safetensors, a sharded dcp/ "
@@ -345,6 +367,7 @@ def read_checkpoint(directory: Path, *, dtype: torch.dtype | str | None = torch.
     cfg = read_checkpoint_model_config(directory)
     if cfg.vocab_size is None:
         raise CheckpointError(f"{directory / 'config.yaml'}: model.vocab_size is not set")
+    refuse_adapter_checkpoint(directory)
     if (directory / WEIGHTS_NAME).is_file():
         verify_checkpoint(directory)
         model = allocate_model(cfg, dtype=dtype, device=device)

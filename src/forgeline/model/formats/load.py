@@ -43,6 +43,11 @@ def load_model(
         return read_model_dir(path / "model", dtype=dtype, device=device)
     if list_checkpoints(path / "checkpoints"):
         return read_checkpoint(resolve_checkpoint_source(path), dtype=dtype, device=device)
+    for adapter in (path, path / "adapter"):
+        if (adapter / "adapter_config.json").is_file():
+            raise CheckpointError(f"{adapter} is an adapter directory (adapter_config.json), not a whole model: "
+                                  f"`forgeline merge {adapter} --out DIR` makes one of it with its base, and "
+                                  "forgeline generate, chat and export hf read it as it is")
     raise CheckpointError(
         f"{path} is not a checkpoint: expected a forgeline model dir ({CONFIG_NAME}), a Hugging Face dir "
         f"({HF_CONFIG} + safetensors), a training checkpoint (config.yaml + model.safetensors, or a sharded dcp/ "
