@@ -76,6 +76,23 @@ def test_bf16_autocast_matches_reference():
     close(fused[0], exact[0], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("autocast, mode", [(False, "native"), (True, "native"), (True, "fp32")])
+def test_a_frozen_head_gets_the_same_hidden_gradient_and_no_weight_gradient(autocast, mode, monkeypatch):
+    """Adapters train under a frozen LM head: its V x d gradient is never computed, the hidden one is unchanged."""
+    from forgeline.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "bf16_matmul_mode", lambda device: mode)
+    hidden, weight, targets = make(n=256, d=64, vocab=512)
+    fn = lambda h, w, t: fused_linear_cross_entropy(h, w, t, chunk_bytes=32 * 4 * 512)  # noqa: E731
+    trained = loss_and_grads(fn, hidden, weight, targets, autocast=autocast)
+    h = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = fn(h, weight, targets)  # weight does not require grad
+    (loss * 0.37).backward()
+    assert torch.equal(loss.detach(), trained[0])
+    assert torch.equal(h.grad, trained[1])
+
+
 def test_bf16_tensors_match_reference():
     """A model held in bf16 (no autocast): gradients come back in bf16, like the reference's."""
     hidden, weight, targets = make(n=256, d=64, vocab=512, dtype=torch.bfloat16)

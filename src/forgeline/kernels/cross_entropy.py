@@ -64,7 +64,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             h, w = h.float(), w.float()
         chunk = chunk_rows
         group = chunk
-        if low_precision:
+        # A frozen head (adapters train, the LM head does not) needs no weight gradient: no V x d product per
+        # group, and since each row's hidden gradient depends on that row alone, chunks need no grouping either
+        need_weight_grad = ctx.needs_input_grad[1]
+        if low_precision and need_weight_grad:
             group_rows = LOW_PRECISION_GROUP_BYTES // (vocab * (4 if fp32_units else h.element_size()))
             group = min(n, max(chunk, group_rows // chunk * chunk))
         # Buffers reused by every chunk (fresh multi-megabyte CPU tensors cost page faults each time): `grad_buf`
@@ -96,6 +99,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.exp(logp, out=rows).scatter_add_(1, t_c, minus_one[:c])
             g = grad_buf[:g_end - g_start]
+            if not need_weight_grad:
+                if fp32_units:
+                    grad_h[g_start:g_end].copy_(torch.mm(g.float(), w))
+                else:
+                    torch.mm(g, w, out=grad_h[g_start:g_end])
+                continue
             if fp32_units:
                 g32 = g.float()
                 grad_h[g_start:g_end].copy_(torch.mm(g32, w))
@@ -113,7 +122,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_w.add_(torch.mm(g.t(), h[g_start:g_end]))
             else:
                 grad_w.addmm_(g.t(), h[g_start:g_end])
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
 

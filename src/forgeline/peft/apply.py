@@ -58,7 +58,8 @@ def base_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in model_state_dict(model).items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():  # hashed through the buffer protocol: no copy of the weights
+            digest.update(tensor.contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

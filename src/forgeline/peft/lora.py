@@ -153,6 +153,8 @@ class LoraLinear(nn.Module):
         return self.lora_magnitude / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_magnitude is None:
+            return self._lora_forward(x)
         result = self.base(x)
         dropped = self.dropout(x)
         # autocast casts the float32 adapters to its dtype; without it a lower-precision input is brought to theirs
@@ -173,6 +175,23 @@ class LoraLinear(nn.Module):
                 base_wx = base_wx - bias
         row_scale = self._dora_row_scale()
         return result + ((row_scale - 1) * base_wx + row_scale * (self.scale * update)).to(result.dtype)
+
+    def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x) + s * B (A x), arranged for speed: under autocast the input is cast once for both paths (autocast
+        would cast it again for A), the scale multiplies the rank-r intermediate rather than the full-size output,
+        and the update is added inside B's matrix product (addmm) rather than by a separate full-size addition."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x = x.to(dtype)
+        else:  # without autocast, a lower-precision input meets the float32 adapters in theirs
+            dtype = torch.promote_types(x.dtype, self.lora_A.dtype)
+        result = self.base(x)
+        # the update goes through the rank-r bottleneck, never through a full-size delta matrix
+        hidden = F.linear(self.dropout(x).to(dtype), self.lora_A.to(dtype)) * self.scale
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), hidden.reshape(-1, hidden.shape[-1]),
+                          self.lora_B.to(dtype).t())
+        return out.view(*result.shape[:-1], out.shape[-1]).to(result.dtype)
 
     def merged(self) -> nn.Linear:
         """A plain linear layer holding the effective weight: in the base weight's dtype for an `nn.Linear` base,
