@@ -35,6 +35,10 @@ How each figure is measured:
 * train peak MiB: the same from the start of the training loop on (forgeline: Trainer.fit; TRL: on_train_begin),
   the model already loaded and adapted: the kernel's high-water mark is reset there (/proc/self/clear_refs), and
   the peak after it, above the same baseline, is what training itself needed (model, optimizer, activations).
+* above loaded model MiB: the training phase's high-water mark minus the resident memory right after the base
+  model was loaded (forgeline: when the loaded fp32 model reaches Run.place, before adapters, layout and optimizer;
+  TRL: right after from_pretrained): what fine-tuning adds to a model already in memory (gradients, optimizer
+  state, activations, quantization or casting of the base), the issue's "above the post-import baseline".
 * base linear MiB: the block projections' weights as stored during training (frozen bf16 for LoRA/DoRA/adapters,
   NF4 data plus all scales for QLoRA, trained fp32 master weights for full fine-tuning; TRL: as loaded), and as %
   of the same weights in bf16 (forgeline: PeftReport.base_linear_bytes / base_linear_bf16_bytes, checked against
@@ -163,6 +167,7 @@ def child_forgeline(spec: dict) -> dict:
 
     def recording_place(self, model, tokenizer, **kw):
         seen["model"] = model
+        seen["loaded_rss"] = rss_bytes()  # the base loaded (fp32), nothing of training yet
         return place(self, model, tokenizer, **kw)
 
     setup.Run.place = recording_place
@@ -206,6 +211,7 @@ def child_forgeline(spec: dict) -> dict:
     outcome = sft_recipe.sft(cfg, export=False)
     train_peak, load_peak = peak_rss_bytes(), seen.get("load_peak")
     peak = max(train_peak, load_peak or 0) - baseline
+    above_loaded = train_peak - seen["loaded_rss"]
     rows = [json.loads(line) for line in open(Path(spec["out"]) / "metrics.jsonl")]
     steps = [r for r in rows if "step_time_s" in r]
     counted = count_forgeline(seen["model"])
@@ -221,7 +227,7 @@ def child_forgeline(spec: dict) -> dict:
                 checks.append(f"PeftReport.{key}={figures[key]:,} but the model holds {counted[key]:,}")
     return dict(step_tokens=[int(r["step_tokens"]) for r in steps], step_times=[r["step_time_s"] for r in steps],
                 train_loss=outcome.result.final_loss, val_loss=outcome.result.final_eval.get("val_loss"),
-                val_targets=seen.get("val_targets"), peak_above_baseline=peak,
+                val_targets=seen.get("val_targets"), peak_above_baseline=peak, peak_above_loaded=above_loaded,
                 train_peak_above_baseline=train_peak - baseline if load_peak is not None else None,
                 optimizer="AdamW (fused)",
                 checks=checks, **figures)
@@ -283,6 +289,7 @@ def child_trl(spec: dict) -> dict:
     torch.manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[spec["trl_base_dtype"]] if lora else torch.float32
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="sdpa")
+    loaded_rss = rss_bytes()  # the base loaded, nothing of training yet
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -352,6 +359,7 @@ def child_trl(spec: dict) -> dict:
             count += int(keep.sum())
     train_peak = peak_rss_bytes()
     peak = max(train_peak, load_peak[0] or 0) - baseline
+    above_loaded = train_peak - loaded_rss
 
     params = {id(p): p for p in model.parameters()}
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
@@ -367,6 +375,7 @@ def child_trl(spec: dict) -> dict:
             embedding += weight.numel() * weight.element_size()
     return dict(step_tokens=step_tokens, step_times=step_times, train_loss=losses[-1],
                 val_loss=float(nll / max(count, 1)), val_targets=count, peak_above_baseline=peak,
+                peak_above_loaded=above_loaded,
                 val_loss_with_separator=float(nll_all / max(count_all, 1)), val_targets_with_separator=count_all,
                 train_peak_above_baseline=train_peak - baseline if load_peak[0] is not None else None,
                 optimizer=f"{type(getattr(trainer.optimizer, 'optimizer', trainer.optimizer)).__name__} "
@@ -404,6 +413,7 @@ def summarise(result: dict, warmup: int) -> dict:
     out.update(tokens_per_s=sum(tokens) / sum(times), timed_steps=len(times),
                tokens_per_step=statistics.mean(tokens), median_step_s=statistics.median(times),
                peak_mib=result["peak_above_baseline"] / 2**20,
+               above_loaded_mib=result["peak_above_loaded"] / 2**20,
                train_peak_mib=(result["train_peak_above_baseline"] / 2**20
                                if result.get("train_peak_above_baseline") is not None else None))
     return out
@@ -414,7 +424,8 @@ def summarise(result: dict, warmup: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def table(rows: list[dict]) -> str:
-    head = ["model", "method", "trainable", "peak MiB", "% full", "train peak MiB (% full)", "base linear MiB (% bf16)",
+    head = ["model", "method", "trainable", "peak MiB", "% full", "train peak MiB (% full)",
+            "above loaded model MiB (% full)", "base linear MiB (% bf16)",
             "emb+head MiB", "step s", "tokens/s", "held-out loss (targets)", "train loss", "load / other CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
@@ -427,10 +438,14 @@ def table(rows: list[dict]) -> str:
             share = f"{100 * r['peak_mib'] / full:.0f}%" if full else "-"
             train = "-" if r.get("train_peak_mib") is None else f"{r['train_peak_mib']:.0f}" + (
                 f" ({100 * r['train_peak_mib'] / full_train:.0f}%)" if full_train else "")
+            full_loaded = row.get("full_above_loaded_mib")
+            loaded = f"{r['above_loaded_mib']:.0f}" + (
+                f" ({100 * r['above_loaded_mib'] / full_loaded:.0f}%)" if full_loaded else "")
             bf16 = r["base_linear_bf16_bytes"]
             base = f"{r['base_linear_bytes'] / 2**20:.1f} ({100 * r['base_linear_bytes'] / bf16:.0f}%)" if bf16 else "-"
             val = f"{r['val_loss']:.4f} ({r['val_targets']:,})" if r.get("val_loss") is not None else "-"
-            cells = [row["model"], row["method"], f"{r['trainable']:,}", f"{r['peak_mib']:.0f}", share, train, base,
+            cells = [row["model"], row["method"], f"{r['trainable']:,}", f"{r['peak_mib']:.0f}", share, train, loaded,
+                     base,
                      f"{r['embedding_bytes'] / 2**20:.1f}", f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
                      val, f"{r['train_loss']:.4f}", f"{r['load']:.2f} / {r['other_cpu']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -451,6 +466,7 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float | None]]:
         out[model] = {
             "lora_peak_over_full_peak": ratio("lora", "full", "peak_mib"),
             "lora_train_peak_over_full_train_peak": ratio("lora", "full", "train_peak_mib"),
+            "lora_above_loaded_over_full": ratio("lora", "full", "above_loaded_mib"),
             "qlora_base_linear_over_bf16": q["base_linear_bytes"] / q["base_linear_bf16_bytes"] if q else None,
             "lora_tokens_per_s_over_trl_lora": ratio("lora", "trl-lora", "tokens_per_s"),
             "trl_lora_peak_over_trl_full_peak": ratio("trl-lora", "trl-full", "peak_mib"),
@@ -459,6 +475,7 @@ def ratios(rows: list[dict]) -> dict[str, dict[str, float | None]]:
 
 
 GOALS = {"lora_peak_over_full_peak": ("<=", 0.45), "lora_train_peak_over_full_train_peak": ("<=", 0.45),
+         "lora_above_loaded_over_full": ("<=", 0.45),
          "qlora_base_linear_over_bf16": ("<=", 0.30),
          "lora_tokens_per_s_over_trl_lora": (">=", 1.5), "trl_lora_peak_over_trl_full_peak": (None, None)}
 
@@ -535,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in model_rows:
                 row["full_peak_mib"] = full["peak_mib"] if full else None
                 row["full_train_peak_mib"] = full.get("train_peak_mib") if full else None
+                row["full_above_loaded_mib"] = full.get("above_loaded_mib") if full else None
             rows += model_rows
     print()
     print(table(rows))
