@@ -117,3 +117,20 @@ def test_auto_measures_once_and_keeps_gpus_native(mode):
     assert first in ("native", "fp32")
     assert bf16_matmul.bf16_matmul_mode(CPU) == first  # measured once per process (and thread count)
     assert bf16_matmul.bf16_matmul_mode(torch.device("cuda", 0)) == "native"
+
+
+def test_a_frozen_weight_gets_the_same_input_gradient():
+    """An adapter's frozen base: no weight gradient, and the input's equals the trained weight's case."""
+    from forgeline.kernels.bf16_matmul import Bf16LinearOnFp32Units
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, generator=g)
+    w = torch.randn(8, 16, generator=g)
+    grads = []
+    for trained in (True, False):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_(trained)
+        out = Bf16LinearOnFp32Units.apply(xi, wi, None)
+        out.float().sum().backward()
+        grads.append(xi.grad)
+        assert (wi.grad is not None) == trained
+    assert torch.equal(grads[0], grads[1])

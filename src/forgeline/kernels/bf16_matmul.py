@@ -78,7 +78,8 @@ class Bf16LinearOnFp32Units(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-        ctx.save_for_backward(xb, wb)
+        # a frozen weight (an adapter's base) needs no weight gradient, so its input need not outlive the forward
+        ctx.save_for_backward(xb if ctx.needs_input_grad[1] else None, wb)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.has_bias = bias is not None
         with torch.autocast("cpu", enabled=False):
