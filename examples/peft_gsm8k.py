@@ -25,16 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_common import SHARED, chat_answers, smollm2_gguf  # noqa: E402
+from sft_common import SHARED, chat_answers, smollm2_gguf, write_gsm8k_chat  # noqa: E402
 from sft_gsm8k import number, score  # noqa: E402
-
-
-def write_chat(records: list[dict], path: Path) -> Path:
-    with open(path, "w") as fh:
-        for r in records:
-            fh.write(json.dumps({"messages": [{"role": "user", "content": r["question"]},
-                                              {"role": "assistant", "content": r["answer"]}]}) + "\n")
-    return path
 
 
 def merged_model_dir(adapter_dir: Path, out: Path) -> Path:
@@ -73,8 +65,8 @@ def main(argv=None) -> int:
     records = [json.loads(line) for line in open(SHARED / "gsm8k" / "train.jsonl")]
     random.Random(1234).shuffle(records)  # the draw of examples/sft_gsm8k.py
     heldout, train = records[:args.heldout], records[args.heldout:args.heldout + args.train]
-    train_file = write_chat(train, out / "gsm8k-chat-train.jsonl")
-    heldout_file = write_chat(heldout, out / "gsm8k-chat-heldout.jsonl")
+    train_file = write_gsm8k_chat(train, out / "gsm8k-chat-train.jsonl")
+    heldout_file = write_gsm8k_chat(heldout, out / "gsm8k-chat-heldout.jsonl")
     questions = [r["question"] for r in heldout]
     gold = [number(r["answer"]) for r in heldout]
     gguf = smollm2_gguf()

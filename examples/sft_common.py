@@ -79,3 +79,14 @@ def chat_answers(model_path: str | Path, questions: list[str], *, max_new_tokens
             replies.append(tok.decode(c.tokens, skip_special_tokens=True))
             new_tokens += len(c.tokens)
     return replies, time.perf_counter() - start, new_tokens
+
+
+def write_gsm8k_chat(records: list[dict], path: Path) -> Path:
+    """GSM8K records as chat JSONL: the question as the user's turn, the reference solution as the assistant's."""
+    import json
+
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write(json.dumps({"messages": [{"role": "user", "content": r["question"]},
+                                              {"role": "assistant", "content": r["answer"]}]}) + "\n")
+    return path

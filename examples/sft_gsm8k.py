@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft_common import SHARED, chat_answers, smollm2_gguf, wilson  # noqa: E402
+from sft_common import SHARED, chat_answers, smollm2_gguf, wilson, write_gsm8k_chat  # noqa: E402
 
 FINAL = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)\s*$")
 
@@ -61,11 +61,7 @@ def main(argv=None) -> int:
     records = [json.loads(line) for line in open(SHARED / "gsm8k" / "train.jsonl")]
     random.Random(1234).shuffle(records)
     heldout, train = records[:args.heldout], records[args.heldout:args.heldout + args.train]
-    train_file = out / "gsm8k-chat-train.jsonl"
-    with open(train_file, "w") as fh:
-        for r in train:
-            fh.write(json.dumps({"messages": [{"role": "user", "content": r["question"]},
-                                              {"role": "assistant", "content": r["answer"]}]}) + "\n")
+    train_file = write_gsm8k_chat(train, out / "gsm8k-chat-train.jsonl")
     questions = [r["question"] for r in heldout]
     gold = [number(r["answer"]) for r in heldout]
     gguf = smollm2_gguf()

@@ -4,7 +4,6 @@ forgeline_base.json: its base must be given, since PEFT configs name hub ids, no
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +24,9 @@ class AdaptedModel:
 
 def adapter_method(adapter_dir: Path) -> str:
     """lora / dora / adapter from adapter_config.json (qlora is only known from forgeline_base.json)."""
-    file = Path(adapter_dir) / "adapter_config.json"
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{file} cannot be read as JSON ({exc})") from None
+    from .lora import read_adapter_config
+
+    config, file = read_adapter_config(adapter_dir)
     kind = config.get("peft_type")
     if kind == "FORGELINE_BOTTLENECK":
         return "adapter"

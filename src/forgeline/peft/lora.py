@@ -336,18 +336,11 @@ def read_adapter_config(directory: str | Path) -> tuple[dict[str, Any], Path]:
     path = Path(directory) / ADAPTER_CONFIG
     if not Path(directory).is_dir():
         raise ConfigError(f"{directory}: no such adapter directory")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} and "
-                          f"{ADAPTER_WEIGHTS}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return config, path
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    from ..model.formats.common import read_json
+
+    return read_json(path, error=ConfigError), path
 
 
 def read_adapter_tensors(directory: str | Path) -> tuple[dict[str, torch.Tensor], Path]:

@@ -54,15 +54,16 @@ def architecture_of(hf: dict[str, Any], where: Path | str = HF_CONFIG) -> str:
     return arch
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, *, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+    """A JSON object file; `error` (naming the file) when it cannot be read, is not JSON or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc}") from None
+        raise error(f"{path}: cannot read: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        raise error(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return data
 
 
