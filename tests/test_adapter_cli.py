@@ -78,7 +78,6 @@ def lora_dir(base, tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bottleneck_dir(base, tok, tmp_path_factory):
-    pytest.importorskip("forgeline.peft.bottleneck")
     out = tmp_path_factory.mktemp("bottleneck") / "adapter"
     return write_adapter(base, out, BOTTLENECK, tok), out
 
