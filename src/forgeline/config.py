@@ -328,6 +328,147 @@ class SFTConfig(StageConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Preference stages: reward model, DPO (and IPO, hinge, SimPO), ORPO, KTO
+# ---------------------------------------------------------------------------------------------------------------
+
+# What a preference stage trains with when train.* does not say (one pass; TRL's learning rates for full training;
+# adapters start at zero and take a larger rate). A user's own train.* keys override them one by one.
+PREFERENCE_TRAIN_DEFAULTS: dict[str, Any] = dict(epochs=1, max_steps=None, global_batch_samples=32,
+                                                 micro_batch_size=4, warmup_ratio=0.1, weight_decay=0.0,
+                                                 min_lr_ratio=0.0, betas=(0.9, 0.999), schedule="linear")
+PREFERENCE_LR = {"rm": (1e-5, 1e-4), "dpo": (1e-6, 5e-5), "orpo": (8e-6, 1e-4), "kto": (1e-6, 5e-5)}  # full, peft
+
+
+class PreferenceDataConfig(Strict):
+    train: list[Path] = Field(min_length=1, description="JSONL (.jsonl.gz), JSON or Parquet files (or directories, "
+                                                        "globs)")
+    validation: list[Path] | None = Field(None, description="held-out files; None: val_fraction of train")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="share of train pairs held out (seeded)")
+    format: Literal["auto", "pairs", "hh", "ranked", "unpaired"] = Field(
+        "auto", description="pairs {prompt,chosen,rejected}; hh (two whole Human/Assistant dialogues); ranked "
+                            "{prompt,responses,ranking|scores}; unpaired {prompt,completion,label} (kto); auto: "
+                            "from the first record")
+    fields: dict[str, str] = Field(default_factory=dict, description="renamed fields, e.g. {chosen: better}")
+    system_prompt: str | None = Field(None, description="a system turn put before prompts that have none")
+    template: str = Field("auto", description="chat template: auto (the model's, else chatml), model, chatml, "
+                                             "llama3")
+    max_length: int = Field(1024, gt=1, description="tokens of prompt + response; longer pairs lose prompt "
+                                                    "tokens from the left first, then response tokens")
+    max_prompt_length: int | None = Field(None, gt=0, description="prompt tokens kept (from the end); None: as "
+                                                                  "many as leave room for the responses")
+    on_error: Literal["raise", "skip"] = Field("raise", description="a record that does not fit: stop, or skip "
+                                                                   "and count it")
+    shuffle: bool = True
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "PreferenceDataConfig":
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} must be below max_length="
+                             f"{self.max_length} (the responses need room)")
+        return self
+
+
+class ReferenceSettings(Strict):
+    reference: Literal["auto", "cached", "online"] = Field(
+        "auto", description="the reference model's log-probs: cached (computed once before training, kept in "
+                            "run_dir) or online (every step); auto: online with peft (the base with adapters "
+                            "off, no second copy), else cached")
+    reference_model: Path | None = Field(None, description="None: the reference is init (the starting policy)")
+
+
+class DPOSettings(ReferenceSettings):
+    beta: float = Field(0.1, gt=0, description="strength of the KL constraint (SimPO: the reward scale)")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo (length-normalised, as TRL), hinge (SLiC), simpo "
+                               "(reference-free, length-normalised, margin simpo_gamma)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative DPO: the share of flipped labels "
+                                                                  "(sigmoid, simpo)")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin")
+
+    @model_validator(mode="after")
+    def _check_smoothing(self) -> "DPOSettings":
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge"):
+            raise ValueError(f"label_smoothing applies to loss_type sigmoid and simpo, not {self.loss_type}")
+        return self
+
+
+class RewardSettings(Strict):
+    center_coef: float = Field(0.0, ge=0, description="reward centering: coef x (r_chosen + r_rejected)^2 keeps "
+                                                      "rewards near zero")
+    use_margin: bool = Field(True, description="subtract a pair's margin (data) inside the sigmoid")
+
+
+class ORPOSettings(Strict):
+    beta: float = Field(0.1, gt=0, description="weight of the odds-ratio term (the paper's lambda)")
+
+
+class KTOSettings(ReferenceSettings):
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0, description="weight of desirable (label true) examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of undesirable (label false) examples")
+
+
+class PreferenceStageConfig(StageConfig):
+    """A stage trained on preference data from a model (`init`)."""
+
+    data: PreferenceDataConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preference_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            train = data.get("train")
+            if train is None or isinstance(train, dict):
+                full_lr, peft_lr = PREFERENCE_LR[cls.stage_name()]
+                defaults = {**PREFERENCE_TRAIN_DEFAULTS, "lr": peft_lr if data.get("peft") else full_lr}
+                return {**data, "train": {**defaults, **(train or {})}}
+        return data
+
+    @classmethod
+    def stage_name(cls) -> str:
+        raise NotImplementedError
+
+    def seq_len(self) -> int:
+        return self.data.max_length
+
+
+class RewardConfig(PreferenceStageConfig):
+    run_dir: Path = Path("runs/rm")
+    reward: RewardSettings = RewardSettings()
+
+    @classmethod
+    def stage_name(cls) -> str:
+        return "rm"
+
+
+class DPOConfig(PreferenceStageConfig):
+    run_dir: Path = Path("runs/dpo")
+    dpo: DPOSettings = DPOSettings()
+
+    @classmethod
+    def stage_name(cls) -> str:
+        return "dpo"
+
+
+class ORPOConfig(PreferenceStageConfig):
+    run_dir: Path = Path("runs/orpo")
+    orpo: ORPOSettings = ORPOSettings()
+
+    @classmethod
+    def stage_name(cls) -> str:
+        return "orpo"
+
+
+class KTOConfig(PreferenceStageConfig):
+    run_dir: Path = Path("runs/kto")
+    kto: KTOSettings = KTOSettings()
+
+    @classmethod
+    def stage_name(cls) -> str:
+        return "kto"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Tokenizer training and data preparation
 # ---------------------------------------------------------------------------------------------------------------
 

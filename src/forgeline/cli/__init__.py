@@ -47,7 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     node, path, words, i = parser, {}, [], 0
     while (subs := _subcommands(node)) is not None:
         if i >= len(argv) or argv[i] not in subs.choices:
-            return parser.parse_args(argv)  # no or unknown command, --help, --version: argparse's own messages
+            # a command whose plain form is one of its subcommands (`rm CONFIG` is `rm train CONFIG`)
+            default = node.get_default("default_subcommand") if node is not parser else None
+            if default is None or i >= len(argv) or argv[i] in ("-h", "--help"):
+                return parser.parse_args(argv)  # no or unknown command, --help, --version: argparse's own messages
+            argv.insert(i, default)
+            continue
         path[subs.dest] = argv[i]
         words.append(argv[i])
         node = subs.choices[argv[i]]

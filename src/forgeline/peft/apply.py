@@ -14,6 +14,7 @@ is never resumed or loaded onto another base by mistake.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -151,6 +152,26 @@ def has_adapters(model: nn.Module) -> bool:
     from .lora import LoraLinear
 
     return any(isinstance(m, (LoraLinear, BottleneckAdapter)) for m in model.modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the frozen base alone inside the block: with adapters on a frozen base, the base is the reference model
+    that DPO and KTO compare against, so no second copy of the model is loaded."""
+    from .bottleneck import BottleneckAdapter
+    from .lora import LoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, (LoraLinear, BottleneckAdapter))]
+    if not layers:
+        raise ConfigError("adapters_disabled: the model has no adapters")
+    previous = [m.adapter_enabled for m in layers]
+    for m in layers:
+        m.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for m, state in zip(layers, previous):
+            m.adapter_enabled = state
 
 
 def merge_adapters(model: nn.Module) -> int:

@@ -70,6 +70,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, base: nn.Module, dim: int, settings: BottleneckSettings):
         super().__init__()
         self.base = base.requires_grad_(False)
+        self.adapter_enabled = True  # off: the base sublayer alone (a DPO reference without a second model copy)
         device, dtype = adapter_placement(base)
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.down = nn.Linear(dim, settings.size, device=device, dtype=dtype)
@@ -84,6 +85,8 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         h = self.base(*args, **kwargs)
+        if not self.adapter_enabled:
+            return h
         # autocast casts the float32 adapter to its dtype; without it a lower-precision h is brought to the adapter's
         x = h if torch.is_autocast_enabled(h.device.type) else h.to(self.down.weight.dtype)
         return h + self.up(self.act(self.down(self.dropout(x)))).to(h.dtype)

@@ -113,6 +113,7 @@ class LoraLinear(nn.Module):
         self.scale = settings.scale
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.lora_magnitude: nn.Parameter | None = None
+        self.adapter_enabled = True  # off: the base alone (a DPO reference without a second copy of the model)
         if settings.use_dora:
             with torch.no_grad():
                 # ||W + s B A|| with B = 0, as PEFT initialises it: m / ||W|| = 1 at step 0
@@ -153,6 +154,8 @@ class LoraLinear(nn.Module):
         return self.lora_magnitude / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self.base(x)
         if self.lora_magnitude is None:
             return self._lora_forward(x)
         result = self.base(x)

@@ -256,6 +256,10 @@ class Run:
                                       f"{self.cfg.peft.method}; resume it without peft:, or start a new run_dir")
             check_base(saved["sha256"], fingerprint, what=str(self.resume_from), base=self.cfg.init)
         self.peft = apply_peft(model, self.cfg.peft, precision=self.cfg.train.precision, fingerprint=fingerprint)
+        head = getattr(model, "score", None)
+        if head is not None:  # a new head (a reward model's) trains beside the adapters: PEFT's modules_to_save
+            head.requires_grad_(True)
+            self.peft.trainable_params += sum(p.numel() for p in head.parameters())
         self.print(self.peft.describe())
 
     def base_reference(self):
@@ -346,7 +350,7 @@ class Run:
         from ..peft.apply import apply_peft, save_adapter
 
         out = self.run_dir / "adapter"
-        state = _full_trainable_state(self)
+        state = full_trainable_state(self)
         if self.dist.is_main:
             model = unwrap(self.wrapped)
             if not self.whole_model:  # the sharded model cannot be written directly: a whole copy on rank 0
@@ -362,7 +366,7 @@ class Run:
         return out
 
 
-def _full_trainable_state(run: "Run") -> dict[str, torch.Tensor] | None:
+def full_trainable_state(run: "Run") -> dict[str, torch.Tensor] | None:
     """The trained weights gathered whole on rank 0 (None on other ranks); collective under FSDP2."""
     if run.whole_model:
         model = unwrap(run.wrapped)

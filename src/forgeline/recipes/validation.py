@@ -44,3 +44,39 @@ def loss_eval_fn(run: Run, val_loader, loss_fn, *, max_batches: int | None = Non
         return out
 
     return evaluate
+
+
+def objective_eval_fn(run: Run, val_loader, objective, *, max_batches: int | None = None
+                      ) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """`val_loss` and `val_<metric>` for every metric the objective reports, each a mean over the held-out units
+    the objective counts (pairs, examples): the preference stages' held-out accuracy, margins and rewards."""
+    from ..train.executor import autocast_context, count_key, to_device
+
+    key = count_key(objective)
+    cfg = run.cfg
+    limit = max_batches or cfg.monitor.val_batches
+
+    @torch.no_grad()
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        names: list[str] | None = None
+        sums: list[float] = []
+        for batch in val_loader.iter_eval_batches(limit):
+            with autocast_context(run.dist.device, cfg.train.precision):
+                out = objective(model, to_device(batch, run.dist.device))
+            if names is None:
+                names = sorted(out.metrics)
+                sums = [0.0] * (len(names) + 2)
+            values = [float(out.loss), float(out.count)] + [out.metrics[n] for n in names]
+            sums = [a + b for a, b in zip(sums, values)]
+        totals = all_reduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+        model.train(was_training)
+        if not names and not totals or totals[1] == 0:
+            return {}
+        n = totals[1]
+        out = {"val_loss": totals[0] / n, f"val_{key}": n}
+        out.update({f"val_{name}": value / n for name, value in zip(names or [], totals[2:])})
+        return out
+
+    return evaluate

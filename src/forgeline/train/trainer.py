@@ -422,8 +422,8 @@ class Trainer:
         rows = [("steps", f"{result.steps:,}"), ("tokens seen", f"{result.tokens_seen:,}")]
         if result.final_loss is not None:
             rows.append(("final train loss", f"{result.final_loss:.4f}"))
-        for key in ("val_loss", "val_ppl", "val_bpb"):
-            if key in result.final_eval:
+        for key in sorted(result.final_eval, key=lambda k: (k not in ("val_loss", "val_ppl", "val_bpb"), k)):
+            if key.startswith("val_"):
                 rows.append((key.replace("_", " "), f"{result.final_eval[key]:.4f}"))
         if steps_run and result.train_seconds > 0:
             tps = self._tokens_this_run / result.train_seconds
