@@ -65,6 +65,11 @@ class ModelConfig(BaseModel):
     qkv_bias: bool = False
     tie_embeddings: bool = False
     init_std: float = Field(0.02, gt=0)
+    head: Literal["lm", "score"] = Field(
+        "lm", description="lm: next-token logits (a language model); score: one scalar per position (a reward model)")
+    pad_token_id: int | None = Field(
+        None, ge=0, description="head=score only: the padding id. A sequence's reward is its score at the rightmost "
+        "token that is not this id (transformers' rule for *ForSequenceClassification); None: the last position")
 
     @model_validator(mode="before")
     @classmethod
@@ -84,6 +89,14 @@ class ModelConfig(BaseModel):
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"head_dim={self.head_size} must be even for rotary embeddings")
+        if self.head == "score" and self.tie_embeddings:
+            raise ValueError("a score-head model has no output projection to tie to the embedding; set "
+                             "tie_embeddings=false")
+        if self.head == "lm" and self.pad_token_id is not None:
+            raise ValueError("pad_token_id chooses the token a score head is pooled at; an LM (head=lm) has no use "
+                             "for it")
+        if self.pad_token_id is not None and self.vocab_size is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
         return self
 
     @property
@@ -111,7 +124,10 @@ def num_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
     block = attn + mlp + 2 * cfg.dim
     del hd
     embedding = cfg.vocab_size * cfg.dim
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
+    if cfg.head == "score":
+        head = cfg.dim  # one scalar per position
+    else:
+        head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim
     total = cfg.n_layers * block + cfg.dim + head + (embedding if include_embedding else 0)
     if not include_embedding and cfg.tie_embeddings:
         total += embedding  # the tied table still does the output projection's matmul work

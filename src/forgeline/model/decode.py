@@ -30,11 +30,12 @@ import torch
 from torch import nn
 
 from .. import kernels
-from .transformer import Attention, FeedForward, KVCache, Transformer, rope_cos_sin
+from .transformer import Attention, FeedForward, KVCache, Transformer, require_lm_head, rope_cos_sin
 
 
 class NativeDecoder:
     def __init__(self, model: Transformer):
+        require_lm_head(model, "decode with")
         self.model = model
         self.cfg = model.cfg
         self.dtype = model.tok_embeddings.weight.dtype
@@ -42,7 +43,10 @@ class NativeDecoder:
 
     @classmethod
     def for_model(cls, model: Transformer) -> "NativeDecoder | None":
-        if not kernels.available() or not isinstance(model, Transformer):
+        if not isinstance(model, Transformer):
+            return None
+        require_lm_head(model, "decode with")  # a reward model is an error, not a model the kernels step aside for
+        if not kernels.available():
             return None
         if model.tok_embeddings is None or model.norm is None or model.output is None:
             return None

@@ -1,6 +1,9 @@
 """A Llama-family decoder-only transformer, top to bottom.
 
-    tokens -> embedding -> L x [x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> output projection
+    tokens -> embedding -> L x [x + Attention(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> head
+
+The head is the output projection to the vocabulary (`cfg.head="lm"`, a language model) or a reward model's score
+head (`cfg.head="score"`): one scalar per position, which model/heads.py pools at each sequence's last token.
 
 Attention is grouped-query (n_kv_heads < n_heads; MHA and MQA are the two ends) with rotary position embeddings and,
 optionally, Qwen2-style biases on the q/k/v projections. Weight names and the rotary layout (two halves, not
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .config import ModelConfig, RopeScaling
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,8 +333,11 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        # One head: `output` (vocabulary logits) for an LM, `score` (one scalar) for a reward model; the other is
+        # None, and a pipeline stage that does not hold the head has it set to None too.
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if cfg.head == "lm" else None
+        self.score = nn.Linear(cfg.dim, 1, bias=False) if cfg.head == "score" else None
+        if self.output is not None and cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer(
             "inv_freq", rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling), persistent=False
@@ -354,6 +361,8 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
         if self.output is not None and not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=cfg.init_std)
+        if self.score is not None:
+            nn.init.normal_(self.score.weight, mean=0.0, std=score_init_std(cfg.dim))
         self.inv_freq = rope_inverse_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling).to(
             self.inv_freq.device
         )
@@ -368,7 +377,8 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab), or the final normed hidden states (B, T, dim) with return_hidden.
+        """Logits (B, T, vocab); a reward model's score at every position (B, T); or, with return_hidden, the final
+        normed hidden states (B, T, dim), which are also what a pipeline stage without the head returns.
 
         tokens: (B, T) ids, or (B, T, dim) hidden states when this module is a pipeline stage without embeddings.
         position_ids: (B, T); default: consecutive positions after what the KV cache already holds.
@@ -389,14 +399,19 @@ class Transformer(nn.Module):
             kv_cache.length += T
         if self.norm is not None:
             h = self.norm(h)
-        if return_hidden or self.output is None:
+        if return_hidden:
             return h
-        return self.output(h)
+        # The config says which head, not which attribute is set: a pipeline stage's view of an LM
+        # (parallel/apply.py's stage_view) has no `score` attribute at all.
+        if self.cfg.head == "score":
+            return h if self.score is None else self.score(h).squeeze(-1)
+        return h if self.output is None else self.output(h)
 
     def lm_head_weight(self) -> torch.Tensor:
         """The (vocab, dim) matrix that turns final hidden states into logits. Objectives take it from here for their
         chunked losses and log-probs (calling the head would materialise every logit); an adapter on the head
         changes what this returns, not the objectives."""
+        require_lm_head(self, "compute logits with")
         if self.output is None:
             raise RuntimeError("this pipeline stage holds no LM head")
         return self.output.weight
@@ -410,6 +425,18 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         """Parameters actually held (a tied table counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+def score_init_std(dim: int) -> float:
+    """A new score head's weights are normal(0, 1/sqrt(dim + 1)), as TRL's reward models start: the initial rewards
+    have about unit variance for unit-RMS final hidden states."""
+    return 1.0 / math.sqrt(dim + 1)
+
+
+def require_lm_head(model: Transformer, action: str) -> None:
+    """The clear error for asking a reward model for what only a language model has (generation, logits, GGUF)."""
+    if model.cfg.head == "score":
+        raise ConfigError(f"a reward model (head=score) has no LM head to {action}")
 
 
 def build_model(cfg: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:

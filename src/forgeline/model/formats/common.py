@@ -20,13 +20,20 @@ from ...errors import CheckpointError, ConfigError
 from ..config import ModelConfig
 from ..transformer import Transformer, rope_inverse_frequencies
 
-# architectures[0] in config.json -> the model_type transformers writes next to it.
-SUPPORTED_ARCHITECTURES = {
+# architectures[0] in config.json -> the model_type transformers writes next to it. Each family comes as a language
+# model (<Family>ForCausalLM, head=lm) and as a reward model (<Family>ForSequenceClassification with one label,
+# head=score).
+_LM_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-_ARCH_BY_MODEL_TYPE = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+_SCORE_SUFFIX, _LM_SUFFIX = "ForSequenceClassification", "ForCausalLM"
+SUPPORTED_ARCHITECTURES = {
+    **_LM_ARCHITECTURES,
+    **{arch.removesuffix(_LM_SUFFIX) + _SCORE_SUFFIX: family for arch, family in _LM_ARCHITECTURES.items()},
+}
+_ARCH_BY_MODEL_TYPE = {v: k for k, v in _LM_ARCHITECTURES.items()}
 
 HF_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -52,6 +59,17 @@ def architecture_of(hf: dict[str, Any], where: Path | str = HF_CONFIG) -> str:
             f"{where}: unsupported architecture {found!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return arch
+
+
+def head_of(architecture: str) -> str:
+    """The forgeline head a supported architecture has: "score" for a sequence classifier, else "lm"."""
+    return "score" if architecture.endswith(_SCORE_SUFFIX) else "lm"
+
+
+def architecture_with_head(architecture: str, head: str) -> str:
+    """The same family's architecture with `head`: LlamaForCausalLM <-> LlamaForSequenceClassification."""
+    stem = architecture.removesuffix(_SCORE_SUFFIX).removesuffix(_LM_SUFFIX)
+    return stem + (_SCORE_SUFFIX if head == "score" else _LM_SUFFIX)
 
 
 def read_json(path: Path, *, error: type[Exception] = CheckpointError) -> dict[str, Any]:
@@ -92,7 +110,7 @@ def allocate_model(cfg: ModelConfig, *, dtype: torch.dtype | None, device: str |
     if {name for name, _ in model.named_buffers()} - {"inv_freq"}:
         model.init_weights()  # buffers this loader does not know how to fill: let the model compute them (slower)
     fix_rope(model)
-    if cfg.tie_embeddings:
+    if model.output is not None and cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model
 
@@ -188,6 +206,8 @@ def describe(loaded: LoadedModel) -> str:
     params = loaded.model.num_params()
     size = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.1f}M"
     arch = f"{loaded.architecture} " if loaded.architecture else ""
+    if cfg.head == "score":
+        arch += f"reward model (score head, pad_token_id {cfg.pad_token_id}), "
     tok = "no tokenizer" if loaded.tokenizer is None else f"tokenizer {loaded.tokenizer.vocab_size} tokens" + (
         ", chat template" if loaded.tokenizer.chat_template else "")
     dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")

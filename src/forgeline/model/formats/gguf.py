@@ -28,6 +28,7 @@ import torch
 
 from ...errors import CheckpointError, ConfigError
 from ..config import ModelConfig
+from ..transformer import require_lm_head
 from .common import LoadedModel, allocate_model, load_state_into, parse_dtype
 from .model_dir import model_state_dict, save_imported
 
@@ -476,6 +477,7 @@ def write_gguf(model, tokenizer, path: str | Path, *, arch: str = "llama", types
     types: forgeline parameter name -> GGUF type name (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), else
     `default_type` for 2-D weights (1-D tensors stay F32, as in llama.cpp). For tests and tools.
     """
+    require_lm_head(model, "write as GGUF (llama.cpp's architectures are language models)")
     gguf = _gguf()
     cfg = model.cfg
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:

@@ -1,13 +1,18 @@
 """Hugging Face interop: import Llama / Mistral / Qwen2 checkpoints, export forgeline models.
 
+Language models are `<Family>ForCausalLM`; reward models (head=score) are `<Family>ForSequenceClassification` with
+one label, whose config's pad_token_id is the model's (the token transformers pools at is the rightmost that is not
+the pad id, as forgeline's model/heads.py reads it).
+
 Import reads ``config.json``, single-file or sharded safetensors (``model.safetensors.index.json``), the tokenizer
 (``tokenizer.json`` + ``tokenizer_config.json`` with its chat template) and ``generation_config.json``. Weights are
 read tensor by tensor from memory-mapped shards straight into a model allocated once in the requested dtype, so
 a 7B import never holds two copies. ``select`` lets a distributed caller read only its own slice of each tensor
 (``safe_open(...).get_slice``); nothing else is read from disk.
 
-Export writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` and
-``AutoTokenizer.from_pretrained`` load without warnings, sharded past ``max_shard_size``, with the chat template.
+Export writes a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` (a reward model:
+``AutoModelForSequenceClassification``) and ``AutoTokenizer.from_pretrained`` load without warnings, sharded past
+``max_shard_size``, with the chat template.
 
 Name mapping (forgeline <-> Hugging Face), identical for the three families:
 
@@ -18,6 +23,7 @@ Name mapping (forgeline <-> Hugging Face), identical for the three families:
     layers.{i}.ffn_norm               model.layers.{i}.post_attention_layernorm
     norm                              model.norm
     output                            lm_head (absent when tie_word_embeddings)
+    score                             score (a reward model's head, in place of lm_head)
 
 forgeline's rotary embedding uses the same half-split layout as transformers, so no weight is permuted.
 """
@@ -44,6 +50,8 @@ from .common import (
     LoadedModel,
     allocate_model,
     architecture_of,
+    architecture_with_head,
+    head_of,
     load_state_into,
     parse_dtype,
     read_json,
@@ -78,6 +86,7 @@ _TO_FORGELINE = [
     (re.compile(r"^model\.embed_tokens\.weight$"), "tok_embeddings.weight"),
     (re.compile(r"^model\.norm\.weight$"), "norm.weight"),
     (re.compile(r"^lm_head\.weight$"), "output.weight"),
+    (re.compile(r"^score\.weight$"), "score.weight"),
     (re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)$"), r"layers.\1.attention.w\2.\3"),
     (re.compile(r"^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$"), r"layers.\1.feed_forward.w1.weight"),
     (re.compile(r"^model\.layers\.(\d+)\.mlp\.up_proj\.weight$"), r"layers.\1.feed_forward.w3.weight"),
@@ -89,6 +98,7 @@ _TO_HF = [
     (re.compile(r"^tok_embeddings\.weight$"), "model.embed_tokens.weight"),
     (re.compile(r"^norm\.weight$"), "model.norm.weight"),
     (re.compile(r"^output\.weight$"), "lm_head.weight"),
+    (re.compile(r"^score\.weight$"), "score.weight"),
     (re.compile(r"^layers\.(\d+)\.attention\.w([qkvo])\.(weight|bias)$"), r"model.layers.\1.self_attn.\2_proj.\3"),
     (re.compile(r"^layers\.(\d+)\.feed_forward\.w1\.weight$"), r"model.layers.\1.mlp.gate_proj.weight"),
     (re.compile(r"^layers\.(\d+)\.feed_forward\.w3\.weight$"), r"model.layers.\1.mlp.up_proj.weight"),
@@ -153,6 +163,11 @@ def config_from_hf(hf: dict[str, Any], where: Path | str = HF_CONFIG) -> tuple[M
     """ModelConfig and architecture name for a transformers config.json dict; unsupported features are errors."""
     arch = architecture_of(hf, where)
     family = SUPPORTED_ARCHITECTURES[arch]
+    head = head_of(arch)
+    if head == "score":
+        labels = _num_labels(hf)
+        if labels != 1:
+            raise CheckpointError(f"{where}: {arch} with {labels} labels; a forgeline reward model has one (a score)")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (forgeline's MLP is SwiGLU)")
@@ -188,8 +203,11 @@ def config_from_hf(hf: dict[str, Any], where: Path | str = HF_CONFIG) -> tuple[M
             rope_theta=theta,
             rope_scaling=scaling,
             qkv_bias=qkv_bias,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # a sequence classifier has no lm_head, whatever tie_word_embeddings it kept from its base model
+            tie_embeddings=head == "lm" and bool(hf.get("tie_word_embeddings", False)),
             init_std=float(hf.get("initializer_range", 0.02)),
+            head=head,
+            pad_token_id=_pad_token_id(hf) if head == "score" else None,
         )
     except KeyError as exc:
         raise CheckpointError(f"{where}: missing field {exc.args[0]!r}") from None
@@ -198,8 +216,24 @@ def config_from_hf(hf: dict[str, Any], where: Path | str = HF_CONFIG) -> tuple[M
     return cfg, arch
 
 
+def _num_labels(hf: dict[str, Any]) -> int:
+    """How many outputs a sequence classifier's config declares: its id2label (what transformers writes), else
+    num_labels, else transformers' default of 2."""
+    if isinstance(hf.get("id2label"), dict):
+        return len(hf["id2label"])
+    return int(hf.get("num_labels", 2))
+
+
+def _pad_token_id(hf: dict[str, Any]) -> int | None:
+    """A sequence classifier's pad_token_id: the id its score is pooled by (None: the last position)."""
+    pad = hf.get("pad_token_id")
+    if pad is not None and not isinstance(pad, int):
+        raise CheckpointError(f"pad_token_id {pad!r}: a reward model pools by one pad id")
+    return pad
+
+
 def default_architecture(cfg: ModelConfig) -> str:
-    return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    return architecture_with_head("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM", cfg.head)
 
 
 def config_to_hf(
@@ -211,19 +245,23 @@ def config_to_hf(
     base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A transformers config.json dict. `base` (the original config of an imported model) supplies the fields
-    forgeline does not model; every shape field is rewritten from `cfg`."""
+    forgeline does not model; every shape field is rewritten from `cfg`. The architecture follows the model's head:
+    a reward model exports as its family's ForSequenceClassification whether `architecture` or `base` names the
+    family's ForCausalLM (a reward model trained from an imported LM) or the classifier itself."""
     arch = architecture or (architecture_of(base) if base else default_architecture(cfg))
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(f"cannot export as {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    arch = architecture_with_head(arch, cfg.head)
     family = SUPPORTED_ARCHITECTURES[arch]
     if family == "qwen2" and not cfg.qkv_bias:
-        raise ConfigError("Qwen2ForCausalLM has q/k/v biases; this model has none (export as LlamaForCausalLM)")
+        raise ConfigError(f"{arch} has q/k/v biases; this model has none (export as a Llama architecture)")
     if family != "qwen2" and cfg.qkv_bias:
-        raise ConfigError(f"{arch} has no q/k/v-only biases; a model with qkv_bias exports as Qwen2ForCausalLM")
+        raise ConfigError(f"{arch} has no q/k/v-only biases; a model with qkv_bias exports as a Qwen2 architecture")
     out: dict[str, Any] = {}
-    if base and architecture_of(base) == arch:
+    if base and architecture_with_head(architecture_of(base), cfg.head) == arch:
         out.update({k: v for k, v in base.items() if k not in ("rope_scaling", "rope_parameters", "rope_theta",
-                                                                  "transformers_version", "torch_dtype", "dtype")})
+                                                                  "transformers_version", "torch_dtype", "dtype",
+                                                                  "id2label", "label2id", "num_labels")})
     rope_scaling = None
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
@@ -264,6 +302,10 @@ def config_to_hf(
         out["bos_token_id"] = tokenizer.bos_id
         out["eos_token_id"] = tokenizer.eos_id
         out["pad_token_id"] = tokenizer.pad_id if tokenizer.pad_token is not None else None
+    if cfg.head == "score":
+        # One label, written as transformers writes it; the pad id is the one the score is pooled by, not the
+        # tokenizer's (transformers reads the pooled token from config.pad_token_id alone).
+        out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=cfg.pad_token_id)
     return out
 
 
@@ -502,6 +544,9 @@ def export_hf(
     if loaded.tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"the tokenizer has {loaded.tokenizer.vocab_size} tokens, more than the model's "
                               f"vocab_size={cfg.vocab_size}")
+    if cfg.head == "score" and loaded.tokenizer.pad_token is not None and loaded.tokenizer.pad_id != cfg.pad_token_id:
+        logger.warning("the tokenizer pads with id %d, the reward model's pad_token_id is %s: batches padded by "
+                       "this tokenizer are read at a padding token", loaded.tokenizer.pad_id, cfg.pad_token_id)
     state = {}
     for name, tensor in model_state_dict(model).items():
         if cfg.tie_embeddings and name == "output.weight":
@@ -513,8 +558,8 @@ def export_hf(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_hf_weights(state, tmp, parse_size(max_shard_size))
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
-        gen = _generation_config(loaded.tokenizer, loaded.generation_config)
-        if gen:
+        gen = _generation_config(loaded.tokenizer, loaded.generation_config) if cfg.head == "lm" else None
+        if gen:  # a reward model does not generate: no generation defaults
             (tmp / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n")
         loaded.tokenizer.save(tmp)
     return out

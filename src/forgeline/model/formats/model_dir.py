@@ -1,8 +1,9 @@
 """forgeline's own model directory: the hand-off between stages (pre-training -> SFT -> alignment -> evaluation)
 and what `forgeline import` makes of a Hugging Face directory or a GGUF file.
 
-    model.safetensors        the weights, flat forgeline names (a tied output projection stored once, as the embedding)
-    forgeline_config.json    the ModelConfig
+    model.safetensors        the weights, flat forgeline names (a tied output projection stored once, as the embedding;
+                             a reward model's score head as score.weight, with no output projection)
+    forgeline_config.json    the ModelConfig (head=score and pad_token_id for a reward model)
     tokenizer.json, tokenizer_config.json
     generation_config.json   generation defaults with Hugging Face keys: an imported model's own, plus the ids of
                              extra end-of-sequence tokens (`generation_eos`: a chat template's end of turn)
@@ -31,6 +32,7 @@ from .common import (
     LoadedModel,
     allocate_model,
     architecture_of,
+    architecture_with_head,
     load_state_into,
     model_config_from,
     parse_dtype,
@@ -179,5 +181,6 @@ def read_model_dir(directory: str | Path, *, dtype: torch.dtype | str | None = N
     # generation config.
     imported = (directory / IMPORT_INFO).is_file() or hf is not None or bool(gen and not has_manifest)
     return LoadedModel(model=model, tokenizer=tokenizer, generation_config=gen,
-                       architecture=architecture_of(hf) if hf else None, hf_config=hf, source=str(directory),
+                       architecture=architecture_with_head(architecture_of(hf), cfg.head) if hf else None,
+                       hf_config=hf, source=str(directory),
                        add_bos=None if imported else True)

@@ -26,7 +26,7 @@ import torch
 
 from ...errors import ConfigError, ForgelineError
 from ..decode import NativeDecoder
-from ..transformer import Transformer
+from ..transformer import Transformer, require_lm_head
 
 __all__ = ["Completion", "GenerationConfig", "encode_prompt", "generate", "iter_generate", "sample"]
 
@@ -222,6 +222,7 @@ def iter_generate(
     **overrides: Any,
 ) -> Iterator[StepEvent]:
     """Yield a StepEvent per new token per row, as they are produced (streaming); see :func:`generate`."""
+    require_lm_head(model, "generate with")
     cfg = config or GenerationConfig()
     if overrides:
         cfg = replace(cfg, **overrides)

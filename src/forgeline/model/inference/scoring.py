@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import ForgelineError
-from ..transformer import Transformer
+from ..transformer import Transformer, require_lm_head
 
 __all__ = ["perplexity"]
 
@@ -16,6 +16,7 @@ __all__ = ["perplexity"]
 def perplexity(model: Transformer, token_ids: Sequence[int], *, window: int | None = None,
                batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `window` tokens (default: the context length)."""
+    require_lm_head(model, "compute a perplexity with")
     window = min(window or model.cfg.max_seq_len, model.cfg.max_seq_len)
     ids = torch.tensor(list(token_ids), dtype=torch.long)
     n = (len(ids) - 1) // window
