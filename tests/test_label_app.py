@@ -188,6 +188,12 @@ def test_export_writes_pairs_and_the_report(db, tmp_path, capsys):
     assert set(first) == {"prompt", "chosen", "rejected", "item", "annotator", "chosen_model", "rejected_model"}
     assert first["prompt"][1] == {"role": XSS, "content": RAW_HTML} and {first["chosen"], first["rejected"]} == {
         XSS, RAW_HTML}
+    # preference training reads the file as it is (the extra keys ride along); the first item's made-up role
+    # (the escaping test's) is no chat role, so its lines are the ones skipped
+    from forgeline.data.preference import iter_preference_examples
+
+    examples = list(iter_preference_examples(str(out), on_error="skip"))
+    assert len(examples) == sum(p["item"] != first["item"] for p in pairs)
     report = json.loads(report_path.read_text())
     assert report["choices"] == {"preferred": 8, "ranked": 2, "tie": 0, "both_bad": 0}
     assert report["agreement"]["items_labelled_by_2_or_more"] == 5
