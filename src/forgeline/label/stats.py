@@ -25,7 +25,8 @@ from itertools import combinations
 
 import numpy as np
 
-Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+from ..stats import wilson_interval  # noqa: F401  (re-exported: the report's intervals)
+
 CATEGORIES = ("first", "second", "tie", "both_bad")
 TIE_RULE = "a tie counts as half a win and half a loss; both-bad judgments are excluded"
 
@@ -95,17 +96,6 @@ def krippendorff_alpha_nominal(units: Iterable[Sequence[Hashable]]) -> float | N
     if disagree_expected == 0:
         return None
     return float(1 - disagree_observed / disagree_expected)
-
-
-def wilson_interval(successes: float, n: float, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval for a proportion (successes may be fractional: half-wins for ties)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def agreement(all_judgments: Sequence[Judgment]) -> dict:
