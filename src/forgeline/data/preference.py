@@ -63,17 +63,18 @@ from .chat_templates import ChatTemplate
 from .packing import TokenizedSample
 from .sft import (
     _ROLES,
-    _SKIP_EXAMPLES,
     ON_ERROR,
     RecordError,
+    RecordPlace,
     SFTFields,
     _check_choice,
     _describe,
-    _error,
-    _where,
+    _present,
+    _RecordCounts,
+    iter_converted_records,
     iter_file_records,
 )
-from .sources import Inputs, _format_of, resolve_inputs
+from .sources import Inputs, _format_of
 
 __all__ = [
     "FORMATS",
@@ -176,7 +177,7 @@ class TokenizedCompletion:
 
 
 @dataclass
-class PreferenceStats:
+class PreferenceStats(_RecordCounts):
     """What reading and tokenizing did to the data; ``summary()`` is the line a recipe logs.
 
     ``pairs`` / ``unpaired``: examples the records gave (a ranked record gives several pairs); ``identical``: pairs
@@ -197,12 +198,6 @@ class PreferenceStats:
     kept: int = 0
     tokens: int = 0
 
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped += 1
-        self.skip_reasons[reason] += 1
-        if len(self.skip_examples) < _SKIP_EXAMPLES:
-            self.skip_examples.append(f"{where}: {reason}")
-
     def summary(self) -> str:
         made = [f"{self.pairs} pairs"] if self.pairs or not self.unpaired else []
         if self.unpaired:
@@ -211,8 +206,7 @@ class PreferenceStats:
         if self.identical:
             parts.append(f"{self.identical} identical pairs dropped (chosen == rejected)")
         if self.skipped:
-            reasons = "; ".join(f"{n}x {r}" for r, n in self.skip_reasons.most_common(3))
-            parts.append(f"{self.skipped} skipped ({reasons})")
+            parts.append(self._skipped_summary())
         if self.prompt_truncated:
             parts.append(f"{self.prompt_truncated} with the prompt cut from the left")
         if self.response_truncated:
@@ -292,10 +286,6 @@ def record_to_examples(
             raise RecordError(f"field {fields.label!r} must be true or false, got {_show(label)}")
         return [UnpairedExample(prompt, completion, label, where)]
     raise ConfigError(f"format must be one of {', '.join(FORMATS[1:])} here, got {format!r}")
-
-
-def _present(record: Mapping) -> str:
-    return ", ".join(repr(k) for k in list(record)[:10]) or "none"
 
 
 def _show(value: Any) -> str:
@@ -494,37 +484,23 @@ def iter_preference_examples(
         raise ConfigError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
     fields = PreferenceFields.from_config(fields)
     stats = stats if stats is not None else PreferenceStats()
-    for path in resolve_inputs(inputs):
-        if path.stat().st_size == 0:
-            raise DataError("file is empty", path)
-        file_format = None if format == "auto" else format
-        seen = 0
-        for line, label, record in _file_records(path):
-            seen += 1
-            stats.records += 1
-            try:
-                if isinstance(record, RecordError):
-                    raise record
-                if file_format is None:
-                    file_format = detect_format(record, fields)
-                examples = record_to_examples(record, file_format, fields, system_prompt=system_prompt,
-                                              where=_where(path, line, label))
-            except RecordError as e:
-                if on_error == "raise":
-                    raise _error(path, line, label, str(e)) from None
-                stats.skip(_where(path, line, label), str(e))
+
+    def to_examples(record: Any, file_format: str, place: RecordPlace) -> list[Example]:
+        return record_to_examples(record, file_format, fields, system_prompt=system_prompt, where=place.where)
+
+    # The file loop is SFT's (empty files, format detection, on_error); what is preference's own is that one record
+    # may give several examples, and the counting of identical pairs.
+    for examples in iter_converted_records(inputs, to_examples, detect=lambda record: detect_format(record, fields),
+                                           format=format, read=_file_records, on_error=on_error, stats=stats):
+        for example in examples:
+            if isinstance(example, UnpairedExample):
+                stats.unpaired += 1
+            elif example.chosen == example.rejected:
+                stats.identical += 1
                 continue
-            for example in examples:
-                if isinstance(example, UnpairedExample):
-                    stats.unpaired += 1
-                elif example.chosen == example.rejected:
-                    stats.identical += 1
-                    continue
-                else:
-                    stats.pairs += 1
-                yield example
-        if seen == 0:
-            raise DataError("file holds no records", path)
+            else:
+                stats.pairs += 1
+            yield example
 
 
 # ------------------------------------------------------------------------------------------------ tokenizing
@@ -736,9 +712,7 @@ def load_preference_data(
                                 stats=stats, on_error=on_error)
     if (stats.skipped or stats.identical or stats.prompt_truncated or stats.response_truncated
             or stats.dropped_too_long):
-        logger.warning("preference data: %s", stats.summary())
-        for example in stats.skip_examples:
-            logger.warning("skipped %s", example)
+        stats._warn(logger, "preference data")
     if not out:
         raise DataError(f"no usable preference {'pairs' if kind == 'pairs' else 'examples'}: {stats.summary()}")
     return out, stats

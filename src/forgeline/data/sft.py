@@ -25,10 +25,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields as dataclass_fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 from forgeline.errors import ConfigError, DataError
 
@@ -124,8 +124,39 @@ class SFTExample:
         return _error(self.path, self.line, self.label, message)
 
 
+class _RecordCounts:
+    """The counting that SFTStats and PreferenceStats share: records read, skipped records by reason with the first
+    few as examples, and the warnings a recipe logs. Not a dataclass, so each stats class keeps its own fields in its
+    own order (its constructor and ``to_dict`` stay as they are); the annotations say what those fields must include."""
+
+    records: int
+    skipped: int
+    skip_reasons: Counter
+    skip_examples: list[str]
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped += 1
+        self.skip_reasons[reason] += 1
+        if len(self.skip_examples) < _SKIP_EXAMPLES:
+            self.skip_examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        raise NotImplementedError
+
+    def _skipped_summary(self) -> str:
+        """The "N skipped (...)" part of ``summary()``: the three commonest reasons."""
+        reasons = "; ".join(f"{n}x {r}" for r, n in self.skip_reasons.most_common(3))
+        return f"{self.skipped} skipped ({reasons})"
+
+    def _warn(self, log: logging.Logger, what: str) -> None:
+        """Log the summary and the skipped examples, on the caller's module logger."""
+        log.warning(f"{what}: %s", self.summary())
+        for example in self.skip_examples:
+            log.warning("skipped %s", example)
+
+
 @dataclass
-class SFTStats:
+class SFTStats(_RecordCounts):
     """What loading did to the data; ``summary()`` is the line a recipe logs."""
 
     records: int = 0
@@ -139,18 +170,11 @@ class SFTStats:
     tokens: int = 0
     target_tokens: int = 0
 
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped += 1
-        self.skip_reasons[reason] += 1
-        if len(self.skip_examples) < _SKIP_EXAMPLES:
-            self.skip_examples.append(f"{where}: {reason}")
-
     def summary(self) -> str:
         parts = [f"{self.records} records -> {self.samples} samples ({self.tokens} tokens, {self.target_tokens} "
                  "learned)"]
         if self.skipped:
-            reasons = "; ".join(f"{n}x {r}" for r, n in self.skip_reasons.most_common(3))
-            parts.append(f"{self.skipped} skipped ({reasons})")
+            parts.append(self._skipped_summary())
         if self.truncated:
             parts.append(f"{self.truncated} truncated to max_length")
         if self.dropped_too_long:
@@ -174,6 +198,11 @@ class RecordError(Exception):
 # --------------------------------------------------------------------------------------------------- records
 
 
+def _present(record: Mapping) -> str:
+    """The first keys of a record, for an error that says a field is missing."""
+    return ", ".join(repr(k) for k in list(record)[:10]) or "none"
+
+
 def detect_format(record: Any, fields: SFTFields) -> str:
     if not isinstance(record, Mapping):
         raise RecordError(f"expected a JSON object, got {type(record).__name__}")
@@ -183,10 +212,9 @@ def detect_format(record: Any, fields: SFTFields) -> str:
         return "sharegpt"
     if fields.instruction in record and fields.output in record:
         return "instruction"
-    present = ", ".join(repr(k) for k in list(record)[:10]) or "none"
     raise RecordError(
         f"cannot tell the format: no {fields.messages!r} (messages), {fields.conversations!r} (sharegpt) or "
-        f"{fields.instruction!r} + {fields.output!r} (instruction) field (fields present: {present}); "
+        f"{fields.instruction!r} + {fields.output!r} (instruction) field (fields present: {_present(record)}); "
         "set format and fields"
     )
 
@@ -238,8 +266,7 @@ def _instruction_messages(record: Mapping, fields: SFTFields, style: str) -> lis
 def _string(record: Mapping, key: str, *, required: bool) -> str:
     if key not in record or record[key] is None:
         if required:
-            present = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-            raise RecordError(f"missing field {key!r} (fields present: {present})")
+            raise RecordError(f"missing field {key!r} (fields present: {_present(record)})")
         return ""
     value = record[key]
     if not isinstance(value, str):
@@ -250,8 +277,7 @@ def _string(record: Mapping, key: str, *, required: bool) -> str:
 def _turns(record: Mapping, key: str, role_key: str, content_key: str) -> list[dict[str, str]]:
     turns = record.get(key)
     if key not in record:
-        present = ", ".join(repr(k) for k in list(record)[:10]) or "none"
-        raise RecordError(f"missing field {key!r} (fields present: {present})")
+        raise RecordError(f"missing field {key!r} (fields present: {_present(record)})")
     if not isinstance(turns, list) or not turns:
         raise RecordError(f"field {key!r} must be a non-empty list of messages, got {_describe(turns)}")
     messages = []
@@ -292,6 +318,21 @@ def _error(path: Path, line: int | None, label: str | None, message: str) -> Dat
     if line is not None:
         return DataError(message, path, line)
     return DataError(f"{label}: {message}", path)
+
+
+class RecordPlace(NamedTuple):
+    """Where a record is: its file and a JSONL ``line`` or a ``label`` ("item 3", "row 7")."""
+
+    path: Path
+    line: int | None
+    label: str | None
+
+    @property
+    def where(self) -> str:
+        return _where(self.path, self.line, self.label)
+
+    def error(self, message: str) -> DataError:
+        return _error(self.path, self.line, self.label, message)
 
 
 def iter_file_records(path: Path) -> Iterator[tuple[int | None, str | None, Any]]:
@@ -352,6 +393,54 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
+T = TypeVar("T")
+FileRecords = Callable[[Path], Iterable[tuple[int | None, str | None, Any]]]
+
+
+def iter_converted_records(
+    inputs: Inputs,
+    convert: Callable[[Any, str, RecordPlace], T],
+    *,
+    detect: Callable[[Any], str],
+    format: str = "auto",
+    read: FileRecords = iter_file_records,
+    on_error: str = "raise",
+    stats: _RecordCounts,
+) -> Iterator[T]:
+    """``convert(record, format, place)`` for every record of every input (files, directories, globs), in input
+    order: the file loop SFT and preference data share, so both read, detect and fail alike.
+
+    ``format="auto"`` takes each file's format from ``detect(first record)``; ``read`` gives a file's
+    ``(line, label, record)``, a record being a ``RecordError`` where it could not be parsed. A ``RecordError`` from
+    the record, ``detect`` or ``convert`` is a ``DataError`` naming the place, or with ``on_error="skip"`` a skip
+    counted in ``stats``. An empty file, or one that holds no records, is always an error: it is a wrong path or a
+    broken export far more often than intended."""
+    for path in resolve_inputs(inputs):
+        if path.stat().st_size == 0:
+            raise DataError("file is empty", path)
+        # One format per file, not per record: a record that does not fit it is an error, not another format.
+        file_format = None if format == "auto" else format
+        seen = 0
+        for line, label, record in read(path):
+            seen += 1
+            stats.records += 1
+            place = RecordPlace(path, line, label)
+            try:
+                if isinstance(record, RecordError):
+                    raise record
+                if file_format is None:
+                    file_format = detect(record)
+                converted = convert(record, file_format, place)
+            except RecordError as e:
+                if on_error == "raise":
+                    raise place.error(str(e)) from None
+                stats.skip(place.where, str(e))
+                continue
+            yield converted
+        if seen == 0:
+            raise DataError("file holds no records", path)
+
+
 def iter_sft_examples(
     inputs: Inputs,
     *,
@@ -370,29 +459,15 @@ def iter_sft_examples(
         raise ConfigError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
     fields = SFTFields.from_config(fields)
     stats = stats if stats is not None else SFTStats()
-    for path in resolve_inputs(inputs):
-        if path.stat().st_size == 0:
-            raise DataError("file is empty", path)
-        file_format = None if format == "auto" else format
-        seen = 0
-        for line, label, record in iter_file_records(path):
-            seen += 1
-            stats.records += 1
-            try:
-                if isinstance(record, RecordError):
-                    raise record
-                if file_format is None:
-                    file_format = detect_format(record, fields)
-                messages = record_to_messages(record, file_format, fields, system_prompt=system_prompt,
-                                              instruction_style=instruction_style)
-            except RecordError as e:
-                if on_error == "raise":
-                    raise _error(path, line, label, str(e)) from None
-                stats.skip(_where(path, line, label), str(e))
-                continue
-            yield SFTExample(messages, path, line, label)
-        if seen == 0:
-            raise DataError("file holds no records", path)
+
+    def to_example(record: Any, file_format: str, place: RecordPlace) -> SFTExample:
+        messages = record_to_messages(record, file_format, fields, system_prompt=system_prompt,
+                                      instruction_style=instruction_style)
+        return SFTExample(messages, place.path, place.line, place.label)
+
+    # A generator itself (yield from, not return), so the checks above still run at the first next(), as before.
+    yield from iter_converted_records(inputs, to_example, detect=lambda record: detect_format(record, fields),
+                                      format=format, on_error=on_error, stats=stats)
 
 
 def tokenize_examples(
@@ -458,9 +533,7 @@ def load_sft_samples(
     samples = tokenize_examples(examples, template, max_length=max_length, loss_on=loss_on, overlong=overlong,
                                 on_error=on_error, stats=stats)
     if stats.skipped or stats.truncated or stats.dropped_too_long or stats.dropped_no_targets:
-        logger.warning("SFT data: %s", stats.summary())
-        for example in stats.skip_examples:
-            logger.warning("skipped %s", example)
+        stats._warn(logger, "SFT data")
     if not samples:
         raise DataError(f"no usable SFT samples: {stats.summary()}")
     return samples, stats
