@@ -72,8 +72,6 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--out", default="runs/dpo-gsm8k")
     args = p.parse_args(argv)
-    import torch
-
     from forgeline.config import DPOConfig, validate_config
     from forgeline.peft.load import load_adapter_dir
     from forgeline.recipes.dpo import dpo

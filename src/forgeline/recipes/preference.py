@@ -32,7 +32,7 @@ from ..config import PreferenceStageConfig, ReferenceSettings
 from ..data.chat_templates import ChatTemplate, load_chat_template
 from ..data.preference import PreferenceStats, load_preference_data
 from ..data.preference_batches import PreferenceLoader, collate_pairs, collate_unpaired, kl_partners
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..files import atomic_write_bytes
 from ..model import training_flops_per_token
 from ..objectives.preference import FrozenReference, Reference, adapters_off_reference, cached_reference
@@ -41,7 +41,7 @@ from ..train.distributed import unwrap
 from ..train.executor import autocast_context, to_device
 from ..train.optim import resolve_schedule
 from ..train.trainer import TrainResult
-from .setup import Run, initial_model
+from .setup import Run, model_to_tune
 from .sft import split_validation
 from .validation import objective_eval_fn
 
@@ -75,16 +75,7 @@ class PreferenceOutcome:
 
 def starting_model(run: Run, cfg: PreferenceStageConfig, stage: str):
     """`init` loaded (fp32 master weights) with its tokenizer and the chat template the data is rendered with."""
-    if cfg.init is None:
-        raise ConfigError(f"{stage} needs init: the model to start from (a run, checkpoint or model dir, a Hugging "
-                          "Face dir or a .gguf file), usually an SFT model")
-    model, tokenizer = initial_model(cfg, run.dist.device)
-    if cfg.tokenizer is not None:
-        from ..tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(cfg.tokenizer)
-    if tokenizer is None:
-        raise ConfigError(f"init={cfg.init} has no tokenizer beside it; set tokenizer: to its directory")
+    model, tokenizer = model_to_tune(cfg, run.dist.device, stage)
     template = load_chat_template(tokenizer, cfg.data.template)
     tokenizer.chat_template = template.source  # saved with the run's tokenizer, the checkpoints and the model
     return model, tokenizer, template

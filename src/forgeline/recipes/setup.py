@@ -143,6 +143,20 @@ def initial_model(cfg: StageConfig, device: torch.device) -> tuple[Transformer, 
     return model, loaded.tokenizer
 
 
+def model_to_tune(cfg: StageConfig, device: torch.device, stage: str) -> tuple[Transformer, Tokenizer]:
+    """What a fine-tuning stage (sft, rm, dpo, ...) starts from: `init` loaded as `initial_model` loads it, with
+    its tokenizer (or `tokenizer:`, which wins); both are required."""
+    if cfg.init is None:
+        raise ConfigError(f"{stage} needs init: the model to start from (a run, checkpoint or model dir, a Hugging "
+                          "Face dir or a .gguf file)")
+    model, tokenizer = initial_model(cfg, device)
+    if cfg.tokenizer is not None:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    if tokenizer is None:
+        raise ConfigError(f"init={cfg.init} has no tokenizer beside it; set tokenizer: to its directory")
+    return model, tokenizer
+
+
 def prepare_whole_model(model: Transformer, cfg: StageConfig, dist: DistInfo) -> nn.Module:
     """Activation checkpointing and compilation act per block (names in the state dict stay unchanged); DDP wraps
     the whole model when there are several ranks."""

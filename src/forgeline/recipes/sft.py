@@ -25,7 +25,7 @@ from ..model.resize import resize_token_embeddings
 from ..objectives import causal_lm_loss
 from ..train.optim import resolve_schedule
 from ..train.trainer import TrainResult
-from .setup import Run, initial_model, run_stage
+from .setup import Run, model_to_tune, run_stage
 from .validation import loss_eval_fn
 
 
@@ -42,16 +42,7 @@ def sft(cfg: SFTConfig, *, resume: bool | str = False, export: bool = True) -> S
 
 
 def _sft(run: Run, cfg: SFTConfig, export: bool) -> SFTOutcome:
-    if cfg.init is None:
-        raise ConfigError("sft needs init: the model to fine-tune (a run, checkpoint or model dir, a Hugging Face "
-                          "dir or a .gguf file)")
-    model, tokenizer = initial_model(cfg, run.dist.device)
-    if cfg.tokenizer is not None:
-        from ..tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(cfg.tokenizer)
-    if tokenizer is None:
-        raise ConfigError(f"init={cfg.init} has no tokenizer beside it; set tokenizer: to its directory")
+    model, tokenizer = model_to_tune(cfg, run.dist.device, "sft")
 
     # The template decides the tokens; special tokens it adds grow the vocabulary before anything is placed.
     vocab_before = tokenizer.vocab_size
