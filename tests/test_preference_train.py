@@ -177,9 +177,10 @@ def test_reward_model_trains_exports_and_scores(tmp_path, base_run, pairs_file, 
     assert len(lines) == 80 and {"reward_chosen", "reward_rejected"} <= json.loads(lines[0]).keys()
 
 
-def test_a_lora_reward_model_is_written_merged(tmp_path, base_run, pairs_file, capsys):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_an_adapter_reward_model_is_written_merged(tmp_path, base_run, pairs_file, capsys, method):
     run = tmp_path / "rm_lora"
-    cfg = config(tmp_path / "rl.yaml", base_run, pairs_file, run, peft={"method": "lora", "r": 4, "alpha": 8},
+    cfg = config(tmp_path / "rl.yaml", base_run, pairs_file, run, peft={"method": method, "r": 4, "alpha": 8},
                  train={"max_steps": 4})
     assert main(["rm", str(cfg)]) == 0
     assert "merged" in capsys.readouterr().out
@@ -201,13 +202,21 @@ def test_bad_preference_input_is_one_clear_error(tmp_path, base_run, pairs_file,
 
 
 @pytest.mark.slow
-def test_dpo_under_ddp_matches_one_process(tmp_path, base_run, pairs_file):
+@pytest.mark.parametrize("layout,peft", [("ddp", None), ("fsdp2", None), ("fsdp2", "lora")])
+def test_dpo_on_two_ranks_matches_one_process(tmp_path, base_run, pairs_file, layout, peft):
+    """DDP and FSDP2, with the cached reference (each rank computes its share, gathered) and, with LoRA, the base
+    with adapters off under FSDP2's sharded forward."""
+    sections = {"parallel": {"dp_shard": -1}} if layout == "fsdp2" else {}
+    if peft:
+        sections["peft"] = {"method": peft, "r": 4, "alpha": 8, "dropout": 0.0}
     one = tmp_path / "one"
-    assert main(["dpo", str(config(tmp_path / "1.yaml", base_run, pairs_file, one))]) == 0
+    assert main(["dpo", str(config(tmp_path / "1.yaml", base_run, pairs_file, one, **sections))]) == 0
     two = tmp_path / "two"
-    result = run_cli("dpo", config(tmp_path / "2.yaml", base_run, pairs_file, two), "--nproc", "2")
+    result = run_cli("dpo", config(tmp_path / "2.yaml", base_run, pairs_file, two, **sections), "--nproc", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert a.keys() == b.keys()
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5)
+    evals = [r for r in metrics(two) if "val_reward_accuracy" in r]
+    assert evals and evals[-1]["val_n_pairs"] == 16

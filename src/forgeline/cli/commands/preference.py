@@ -18,7 +18,7 @@ def register(sub) -> None:
     add_training_command(rm_sub, "train", help="train a reward model (the default: forgeline rm CONFIG.yaml)",
                          schema=RewardConfig, example=EXAMPLE, run=_runner("rm"), check=_check("rm"))
     score = rm_sub.add_parser("score", help="rewards of preference pairs under a reward model, and its pairwise "
-                                            "accuracy with a 95% interval")
+                                            "accuracy with a 95%% interval")
     score.add_argument("model", metavar="MODEL", help="a reward model: run_dir/model of forgeline rm, or a "
                                                       "transformers *ForSequenceClassification directory")
     score.add_argument("--input", required=True, help="preference data (JSONL/JSON/Parquet, any format rm trains "
