@@ -37,7 +37,7 @@ from ..files import atomic_write_bytes
 from ..model import training_flops_per_token
 from ..objectives.preference import FrozenReference, Reference, adapters_off_reference, cached_reference
 from ..objectives.preference import response_logps
-from ..train.distributed import unwrap
+from ..train.distributed import reshard_fsdp, unwrap
 from ..train.executor import autocast_context, to_device
 from ..train.optim import resolve_schedule
 from ..train.trainer import TrainResult
@@ -232,6 +232,7 @@ def _logps_over(run: Run, model, loader: PreferenceLoader, *, adapters_off: bool
                 if index >= 0:
                     found[index] = (float(logps[row]), float(logps[B + row]))
     model.train(was_training)
+    reshard_fsdp(model)
     if run.dist.world_size > 1 and torch_dist.is_initialized():
         gathered: list = [None] * run.dist.world_size
         torch_dist.all_gather_object(gathered, found)

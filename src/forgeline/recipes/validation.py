@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..train.distributed import all_reduce_sum
+from ..train.distributed import all_reduce_sum, reshard_fsdp
 from ..train.executor import StepExecutor
 from .setup import Run
 
@@ -35,6 +35,7 @@ def loss_eval_fn(run: Run, val_loader, loss_fn, *, max_batches: int | None = Non
                 count += int(batch["n_targets"])
         loss_sum, count = all_reduce_sum(loss_sum), all_reduce_sum(count)
         model.train(was_training)
+        reshard_fsdp(model)
         if count.item() == 0:
             return {}
         val_loss = float(loss_sum / count)
@@ -72,6 +73,7 @@ def objective_eval_fn(run: Run, val_loader, objective, *, max_batches: int | Non
             sums = [a + b for a, b in zip(sums, values)]
         totals = all_reduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
         model.train(was_training)
+        reshard_fsdp(model)
         if not names and not totals or totals[1] == 0:
             return {}
         n = totals[1]

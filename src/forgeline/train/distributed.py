@@ -102,3 +102,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def reshard_fsdp(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module of `model` back in its sharded state. FSDP2 leaves the root gathered after a forward
+    (its backward needs the parameters at once) and, while gathered, the module holds the unsharded tensors as its
+    parameters; after a forward with no backward (a no-gradient pass: validation, the reference's log-probs) they
+    would stay there, and an optimizer built then, or a checkpoint taken then, would see other tensors than the
+    sharded parameters it trains."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in unwrap(model).modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
