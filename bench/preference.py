@@ -100,17 +100,20 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 
 
-def _load_sft_bench():
-    spec = importlib.util.spec_from_file_location("forgeline_bench_sft", _HERE / "sft.py")
+def _load_adapters_bench():
+    spec = importlib.util.spec_from_file_location("forgeline_bench_adapters", _HERE / "adapters.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench_sft = _load_sft_bench()  # also sets the offline environment variables
+# bench/adapters.py's measuring tools (and bench/sft.py's under them, which set the offline environment variables)
+bench_adapters = _load_adapters_bench()
+bench_sft = bench_adapters.bench_sft
 ALPACA = bench_sft.ALPACA
 rss_bytes, peak_rss_bytes, load1, cpu_model, OtherCPU = (bench_sft.rss_bytes, bench_sft.peak_rss_bytes,
                                                          bench_sft.load1, bench_sft.cpu_model, bench_sft.OtherCPU)
+start_training_peak, HF_PROJECTIONS = bench_adapters.start_training_peak, bench_adapters.HF_PROJECTIONS
 
 PROMPT_TOKENS, RESPONSE_TOKENS, PAIRS_PER_STEP = 64, 64, 8
 MAX_LENGTH = PROMPT_TOKENS + RESPONSE_TOKENS
@@ -118,22 +121,8 @@ BETA = 0.1
 RANK, ALPHA = 16, 32
 LR = {"dpo-full": 1e-6, "dpo-lora": 5e-5, "rm": 1e-5, "rm-lora": 1e-4}
 METHODS = tuple(LR)
-HF_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOAL_SPEED, GOAL_MEMORY = 1.5, 0.70
 DEFAULT_JSON = _HERE / "results" / "preference.json"
-
-
-def start_training_peak() -> int | None:
-    """The high-water mark so far (bytes), then the kernel's high-water mark reset to the current RSS
-    (/proc/self/clear_refs, Linux >= 4.0), so that ru_maxrss from here on is the training phase's own; None when the
-    kernel refuses (ru_maxrss then keeps the whole run's peak)."""
-    before = peak_rss_bytes()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    return before
 
 
 def rows_digest(rows: list[list[int]]) -> str:

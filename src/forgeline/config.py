@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -411,6 +411,7 @@ class KTOSettings(ReferenceSettings):
 class PreferenceStageConfig(StageConfig):
     """A stage trained on preference data from a model (`init`)."""
 
+    stage: ClassVar[str]  # the command's name: which train defaults apply (PREFERENCE_LR)
     data: PreferenceDataConfig
 
     @model_validator(mode="before")
@@ -419,14 +420,10 @@ class PreferenceStageConfig(StageConfig):
         if isinstance(data, dict):
             train = data.get("train")
             if train is None or isinstance(train, dict):
-                full_lr, peft_lr = PREFERENCE_LR[cls.stage_name()]
+                full_lr, peft_lr = PREFERENCE_LR[cls.stage]
                 defaults = {**PREFERENCE_TRAIN_DEFAULTS, "lr": peft_lr if data.get("peft") else full_lr}
                 return {**data, "train": {**defaults, **(train or {})}}
         return data
-
-    @classmethod
-    def stage_name(cls) -> str:
-        raise NotImplementedError
 
     def seq_len(self) -> int:
         return self.data.max_length
@@ -435,37 +432,25 @@ class PreferenceStageConfig(StageConfig):
 class RewardConfig(PreferenceStageConfig):
     run_dir: Path = Path("runs/rm")
     reward: RewardSettings = RewardSettings()
-
-    @classmethod
-    def stage_name(cls) -> str:
-        return "rm"
+    stage: ClassVar[str] = "rm"
 
 
 class DPOConfig(PreferenceStageConfig):
     run_dir: Path = Path("runs/dpo")
     dpo: DPOSettings = DPOSettings()
-
-    @classmethod
-    def stage_name(cls) -> str:
-        return "dpo"
+    stage: ClassVar[str] = "dpo"
 
 
 class ORPOConfig(PreferenceStageConfig):
     run_dir: Path = Path("runs/orpo")
     orpo: ORPOSettings = ORPOSettings()
-
-    @classmethod
-    def stage_name(cls) -> str:
-        return "orpo"
+    stage: ClassVar[str] = "orpo"
 
 
 class KTOConfig(PreferenceStageConfig):
     run_dir: Path = Path("runs/kto")
     kto: KTOSettings = KTOSettings()
-
-    @classmethod
-    def stage_name(cls) -> str:
-        return "kto"
+    stage: ClassVar[str] = "kto"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -140,16 +140,13 @@ class _RecordCounts:
         if len(self.skip_examples) < _SKIP_EXAMPLES:
             self.skip_examples.append(f"{where}: {reason}")
 
-    def summary(self) -> str:
-        raise NotImplementedError
-
     def _skipped_summary(self) -> str:
         """The "N skipped (...)" part of ``summary()``: the three commonest reasons."""
         reasons = "; ".join(f"{n}x {r}" for r, n in self.skip_reasons.most_common(3))
         return f"{self.skipped} skipped ({reasons})"
 
     def _warn(self, log: logging.Logger, what: str) -> None:
-        """Log the summary and the skipped examples, on the caller's module logger."""
+        """Log the stats class's own ``summary()`` and the skipped examples, on the caller's module logger."""
         log.warning(f"{what}: %s", self.summary())
         for example in self.skip_examples:
             log.warning("skipped %s", example)
