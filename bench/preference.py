@@ -60,7 +60,8 @@ How each figure is measured:
   already fetched). The one-off reference pass of dpo-full is not in it: it is timed apart (forgeline:
   `cache_reference_logps`; TRL: `_precompute_ref_logps`) and reported as "ref pass s".
 * peak MiB: each framework and method runs in a fresh child process (so peak RSS is its own); the resident memory
-  right after its imports is the baseline, and the high-water mark from there to the end of the last training
+  right after its imports is the baseline (both sides with torch._dynamo and jinja2 loaded: TRL's import loads
+  them, forgeline's run loads them later), and the high-water mark from there to the end of the last training
   step (loading, the reference pass, training; not forgeline's final checkpoint write, which TRL with
   save_strategy="no" does not do) minus it is the peak above baseline. --json also holds the training phase's own
   high-water mark (reset at the start of the loop via /proc/self/clear_refs, as bench/adapters.py does) and the
@@ -125,6 +126,19 @@ GOAL_SPEED, GOAL_MEMORY = 1.5, 0.70
 DEFAULT_JSON = _HERE / "results" / "preference.json"
 
 
+def sequences_of(batch: dict) -> list[list[int]]:
+    """The token sequences a forgeline batch trains on: its rows, or, for a reward model's rows of one prompt and
+    two responses (`collate_branched_pairs`; no padding in this benchmark's data), each row's prompt + chosen and
+    prompt + rejected, chosen ones first as in 2B-row batches."""
+    if "reward_positions" not in batch:
+        return batch["input_ids"].tolist()
+    if batch["prefix_real"] is not None:
+        raise AssertionError("this benchmark's pairs are all of one length: no row should be padded")
+    P, C = batch["prefix_length"], batch["first_length"]
+    rows = batch["input_ids"].tolist()
+    return [r[:P + C] for r in rows] + [r[:P] + r[P + C:] for r in rows]
+
+
 def rows_digest(rows: list[list[int]]) -> str:
     """Order-free digest of the sequences trained on (each side's sampler orders the pairs its own way)."""
     digest = hashlib.sha256()
@@ -185,6 +199,13 @@ def child_forgeline(spec: dict) -> dict:
     from forgeline.data.packing import TokenizedSample
     from forgeline.data.preference import PreferenceStats, TokenizedPair
 
+    # The same libraries loaded on both sides before the baseline: importing TRL loads torch._dynamo (about 70 MiB)
+    # and jinja2, which forgeline's run also loads, but later (torch at its first weight initialisation or
+    # optimizer step, the tokenizer at its first chat-template render): without these two lines that would count
+    # as forgeline's training memory and not TRL's.
+    import jinja2  # noqa: F401
+    import torch._dynamo  # noqa: F401
+
     baseline = rss_bytes()
     method = spec["method"]
     raw = json.loads(Path(spec["pairs"]).read_text())
@@ -235,8 +256,9 @@ def child_forgeline(spec: dict) -> dict:
 
     def recording_forward_backward(self, micro_batches):
         for batch in micro_batches:
-            seen["rows"] += batch["input_ids"].tolist()
-            seen["step_targets"].append(int((batch["targets"] != -100).sum()))
+            seen["rows"] += sequences_of(batch)
+            if "targets" in batch:
+                seen["step_targets"].append(int((batch["targets"] != -100).sum()))
         return forward_backward(self, micro_batches)
 
     trainer_mod.Trainer._forward_backward = recording_forward_backward

@@ -49,7 +49,7 @@ def grads(fn, *inputs, grad_out=None):
 def test_rms_norm_fp32_matches_reference(shape):
     x = torch.randn(shape) * 3
     weight = torch.randn(shape[-1])
-    out, (gx, gw) = grads(lambda x, w: T._RMSNorm.apply(x, w, 1e-5), x, weight)
+    out, (gx, gw) = grads(lambda x, w: T._RMSNorm.apply(x, w, 1e-5, None), x, weight)
     ref, (rx, rw) = grads(lambda x, w: ref_rms_norm(x, w, 1e-5), x, weight)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)  # same arithmetic as F.rms_norm
     torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-6)
@@ -59,7 +59,7 @@ def test_rms_norm_fp32_matches_reference(shape):
 def test_rms_norm_bf16_input_matches_reference():
     x = (torch.randn(4, 7, 32) * 2).bfloat16()
     weight = torch.randn(32)
-    out, (gx, gw) = grads(lambda x, w: T._RMSNorm.apply(x, w, 1e-5), x, weight)
+    out, (gx, gw) = grads(lambda x, w: T._RMSNorm.apply(x, w, 1e-5, None), x, weight)
     ref, (rx, rw) = grads(lambda x, w: ref_rms_norm(x, w, 1e-5), x, weight)
     assert out.dtype == ref.dtype and gx.dtype == rx.dtype == torch.bfloat16 and gw.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -163,3 +163,130 @@ def test_model_bf16_autocast_close_to_plain_ops(monkeypatch):
     assert out.dtype == ref.dtype == torch.bfloat16
     # the reference runs its attention in bf16, ours in fp32: bf16-level agreement
     torch.testing.assert_close(out.float(), ref.float(), rtol=5e-2, atol=5e-2)
+
+
+# -- the training paths that keep fewer bytes for the backward pass -------------------------------------------------
+
+
+def _tiny(**overrides):
+    torch.manual_seed(0)
+    cfg = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=100, max_seq_len=128)
+    cfg.update(overrides)
+    return build_model(ModelConfig(**cfg))
+
+
+def _grads_of(model, fn, *, autocast: bool):
+    model.zero_grad()
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = fn(model)
+    out.float().square().mean().backward()
+    return out.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _worst_relative(a: dict, b: dict) -> float:
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)).item() for n in a)
+
+
+_BRANCHES = T.BranchedRows(prefix=6, first=5, prefix_real=torch.tensor([[False] * 2 + [True] * 4, [True] * 6]))
+_POSITIONS = torch.cat([torch.arange(11), torch.arange(6, 13)])[None].expand(2, -1)
+
+
+@pytest.mark.parametrize("layout", ["causal", "documents", "branched"])
+def test_bf16_attention_function_keeps_the_reference_numbers(monkeypatch, layout):
+    """_Fp32AttentionOfBf16 (bf16 saved tensors, the fp32 kernel) gives the autograd path's output bit for bit and
+    gradients as close to fp32 training's as the autograd path's own."""
+    model = _tiny()
+    x = torch.randint(0, 100, (2, 18))
+    kwargs = {"causal": {}, "documents": {"doc_ids": torch.tensor([[0] * 9 + [1] * 9, [0] * 18])},
+              "branched": {"branches": _BRANCHES, "position_ids": _POSITIONS}}[layout]
+    fn = lambda m: m(x, **kwargs)  # noqa: E731
+    monkeypatch.setattr(T, "_cpu_has_amx", lambda: False)
+    calls = []
+    real = T._Fp32AttentionOfBf16.apply
+    monkeypatch.setattr(T._Fp32AttentionOfBf16, "apply", lambda *a: calls.append(1) or real(*a))
+    out_new, new = _grads_of(model, fn, autocast=True)
+    assert calls, "the bf16 attention function was not used"
+    monkeypatch.setattr(T, "_fp32_attention_of_bf16_ok", lambda *a: False)
+    out_old, old = _grads_of(model, fn, autocast=True)
+    _, fp32 = _grads_of(model, fn, autocast=False)
+    torch.testing.assert_close(out_new, out_old, rtol=0, atol=0)
+    assert _worst_relative(new, old) < 0.03
+    assert _worst_relative(new, fp32) < 1.25 * _worst_relative(old, fp32) + 1e-3
+
+
+def test_branched_rows_equal_each_continuation_after_its_prefix_alone():
+    """Row r = [left pad | prefix | first | second]: the first continuation's outputs equal prefix+first run alone,
+    the second's equal prefix+second run alone (fp32)."""
+    model = _tiny()
+    prefix = [torch.randint(1, 100, (4,)), torch.randint(1, 100, (6,))]
+    first = [torch.randint(1, 100, (5,)), torch.randint(1, 100, (5,))]
+    second = [torch.randint(1, 100, (7,)), torch.randint(1, 100, (7,))]
+    rows = torch.stack([torch.cat([torch.zeros(6 - len(p), dtype=torch.long), p, f, s])
+                        for p, f, s in zip(prefix, first, second)])
+    positions = torch.stack([torch.cat([torch.zeros(6 - len(p), dtype=torch.long), torch.arange(len(p) + 5),
+                                        torch.arange(len(p), len(p) + 7)]) for p in prefix])
+    with torch.no_grad():
+        out = model(rows, position_ids=positions, branches=_BRANCHES)
+        for r, (p, f, s) in enumerate(zip(prefix, first, second)):
+            alone_first = model(torch.cat([p, f])[None])[0]
+            alone_second = model(torch.cat([p, s])[None])[0]
+            torch.testing.assert_close(out[r, 6 - len(p):11], alone_first, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[r, 11:], alone_second[len(p):], rtol=1e-5, atol=1e-5)
+
+
+def test_output_positions_equal_the_full_forward_at_those_positions():
+    model = _tiny()
+    x = torch.randint(0, 100, (2, 18))
+    keep = torch.tensor([[10, 17], [3, 12]])
+    for kwargs in ({}, {"branches": _BRANCHES, "position_ids": _POSITIONS}):
+        with torch.no_grad():
+            full = model(x, **kwargs)
+            kept = model(x, output_positions=keep, **kwargs)
+        torch.testing.assert_close(kept, full.gather(1, keep[..., None].expand(-1, -1, full.shape[-1])),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_down_projection_and_linear_functions_match_the_modules(monkeypatch):
+    """_SwiGLUDown and _Bf16Linear against nn.Linear and autocast: the same forward values and gradients (fp32:
+    1e-5; bf16 autocast: the module path's output bit for bit)."""
+    model = _tiny()
+    x = torch.randint(0, 100, (2, 18))
+    monkeypatch.setattr(T, "bf16_matmul_mode", lambda device: "native")
+    calls = {"down": 0, "linear": 0}
+    down, lin = T._SwiGLUDown.apply, T._Bf16Linear.apply
+    monkeypatch.setattr(T._SwiGLUDown, "apply", lambda *a: calls.__setitem__("down", calls["down"] + 1) or down(*a))
+    monkeypatch.setattr(T._Bf16Linear, "apply", lambda *a: calls.__setitem__("linear", calls["linear"] + 1) or lin(*a))
+    fn = lambda m: m(x)  # noqa: E731
+    out32, g32 = _grads_of(model, fn, autocast=False)
+    out16, g16 = _grads_of(model, fn, autocast=True)
+    assert calls["down"] == 4 and calls["linear"] == 2 * 6  # two passes over two layers; six projections each
+    monkeypatch.setattr(T, "_fused_down_ok", lambda *a: False)
+    monkeypatch.setattr(T, "_plain_weight", lambda proj: False)
+    ref32, r32 = _grads_of(model, fn, autocast=False)
+    ref16, r16 = _grads_of(model, fn, autocast=True)
+    torch.testing.assert_close(out32, ref32, rtol=1e-5, atol=1e-5)
+    assert _worst_relative(g32, r32) < 1e-5
+    torch.testing.assert_close(out16, ref16, rtol=0, atol=0)
+    assert _worst_relative(g16, r16) < 0.03
+
+
+def test_block_norms_hand_bf16_to_the_projections_under_autocast():
+    norm = RMSNorm(32, 1e-5, feeds_autocast=True)
+    x = torch.randn(3, 32)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref_rms_norm(x, norm.weight, 1e-5).detach().bfloat16(), rtol=0, atol=0)
+    assert RMSNorm(32, 1e-5)(x).dtype == torch.float32
+
+
+def test_cpu_allocator_setting(monkeypatch):
+    from forgeline.train import cpu_allocator
+
+    cpu_allocator.keep_large_blocks.cache_clear()
+    monkeypatch.setenv("FORGELINE_MALLOC_TUNING", "0")
+    assert cpu_allocator.keep_large_blocks() is False
+    cpu_allocator.keep_large_blocks.cache_clear()
+    monkeypatch.delenv("FORGELINE_MALLOC_TUNING")
+    import platform
+    assert cpu_allocator.keep_large_blocks() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

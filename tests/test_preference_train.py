@@ -177,6 +177,29 @@ def test_reward_model_trains_exports_and_scores(tmp_path, base_run, pairs_file, 
     assert len(lines) == 80 and {"reward_chosen", "reward_rejected"} <= json.loads(lines[0]).keys()
 
 
+def test_reward_model_rows_with_one_prompt_train_as_pair_rows_do(tmp_path, base_run, pairs_file):
+    """reward.share_prompt (the default: chosen and rejected in one row over one copy of the prompt) and two rows
+    per pair train to the same losses and metrics, from fewer tokens."""
+    runs = {}
+    for share in (True, False):
+        run = runs[share] = tmp_path / f"rm_{share}"
+        cfg = config(tmp_path / f"rm_{share}.yaml", base_run, pairs_file, run, train={"max_steps": 4},
+                     reward={"share_prompt": share, "center_coef": 0.01})
+        assert main(["rm", str(cfg)]) == 0
+    shared, separate = train_rows(runs[True]), train_rows(runs[False])
+    assert len(shared) == len(separate) == 4
+    for step, (a, b) in enumerate(zip(shared, separate)):
+        for key in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected"):
+            # the same model before the first update; after it, fp32 sums taken in another order drift apart (Adam
+            # scales the tiny differences of near-zero gradients up)
+            assert a[key] == (pytest.approx(b[key], abs=1e-6) if step == 0 else pytest.approx(b[key], rel=1e-3)), (
+                step, key)
+    step_tokens = [[r["step_tokens"] for r in metrics(run) if "step_tokens" in r] for run in runs.values()]
+    assert sum(step_tokens[0]) < sum(step_tokens[1])
+    evals = [[r["val_loss"] for r in metrics(run) if "val_loss" in r] for run in runs.values()]
+    assert evals[0] and evals[0] == pytest.approx(evals[1], rel=1e-3)
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_an_adapter_reward_model_is_written_merged(tmp_path, base_run, pairs_file, capsys, method):
     run = tmp_path / "rm_lora"
@@ -220,3 +243,19 @@ def test_dpo_on_two_ranks_matches_one_process(tmp_path, base_run, pairs_file, la
         assert b[step] == pytest.approx(a[step], abs=1e-5)
     evals = [r for r in metrics(two) if "val_reward_accuracy" in r]
     assert evals and evals[-1]["val_n_pairs"] == 16
+
+
+@pytest.mark.slow
+def test_reward_model_on_two_fsdp2_ranks_matches_one_process(tmp_path, base_run, pairs_file):
+    """The reward model's rows of one prompt and two responses, with the last block's output positions, under
+    FSDP2's sharded forward and backward."""
+    sections = {"parallel": {"dp_shard": -1}}
+    one = tmp_path / "one"
+    assert main(["rm", str(config(tmp_path / "1.yaml", base_run, pairs_file, one, **sections))]) == 0
+    two = tmp_path / "two"
+    result = run_cli("rm", config(tmp_path / "2.yaml", base_run, pairs_file, two, **sections), "--nproc", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5)

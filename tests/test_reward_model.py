@@ -398,3 +398,50 @@ def test_smollm2_reward_model_scores_equal_transformers(tmp_path, caplog):
     print(f"\nSmolLM2-135M-Instruct with a new score head: transformers {theirs.tolist()}, forgeline {ours.tolist()}")
     assert (ours - theirs).abs().max().item() < 1e-4, (ours, theirs)
     assert (score_sequences(model, seqs, pad_token_id=tok.pad_id, batch_size=2) - theirs).abs().max().item() < 1e-4
+
+
+def test_rows_of_one_prompt_give_each_pairs_rewards_and_gradients():
+    """collate_branched_pairs + RewardObjective against two rows per pair (collate_pairs), fp32: prompts of
+    different lengths (left padding), no prompt at all, chosen a prefix of rejected, responses ending in the pad id
+    (the score is read before it, as transformers reads it)."""
+    import numpy as np
+
+    from forgeline.data.packing import TokenizedSample
+    from forgeline.data.preference import TokenizedPair
+    from forgeline.data.preference_batches import collate_branched_pairs, collate_pairs
+    from forgeline.objectives.preference import RewardObjective
+
+    torch.manual_seed(0)
+    model = to_reward_model(build_model(ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                                                    vocab_size=100, max_seq_len=256)), pad_token_id=0)
+    rng = np.random.default_rng(0)
+
+    def sample(ids):
+        return TokenizedSample(np.asarray(ids, dtype=np.int64), np.ones(len(ids), dtype=bool))
+
+    pairs = []
+    for i in range(6):
+        prompt = rng.integers(1, 100, 0 if i == 0 else int(rng.integers(1, 12)))
+        chosen, rejected = rng.integers(1, 100, int(rng.integers(1, 9))), rng.integers(1, 100, int(rng.integers(1, 9)))
+        if i == 2:
+            chosen = np.concatenate([chosen, [0]])
+        if i == 3:
+            rejected = np.concatenate([chosen, [5]])
+        pairs.append(TokenizedPair(sample(np.concatenate([prompt, chosen])), sample(np.concatenate([prompt, rejected])),
+                                   margin=float(i) / 10, prompt_length=len(prompt)))
+    objective = RewardObjective(center_coef=0.01)
+    results = []
+    for collate in (collate_pairs, collate_branched_pairs):
+        batch = collate(pairs, 0, index=range(6), weight=[1.0] * 6)
+        model.zero_grad()
+        out = objective(model, batch)
+        out.loss.backward()
+        results.append((out, [p.grad.clone() for p in model.parameters()], batch))
+    (a, grads_a, rows2), (b, grads_b, rows1) = results
+    assert rows1["input_ids"].shape[0] == 6 and rows2["input_ids"].shape[0] == 12
+    assert rows1["n_tokens"] < rows2["n_tokens"]
+    assert b.loss.item() == pytest.approx(a.loss.item(), abs=1e-5)
+    for key in a.metrics:
+        assert float(b.metrics[key]) == pytest.approx(float(a.metrics[key]), abs=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)

@@ -396,6 +396,8 @@ class RewardSettings(Strict):
     center_coef: float = Field(0.0, ge=0, description="reward centering: coef x (r_chosen + r_rejected)^2 keeps "
                                                       "rewards near zero")
     use_margin: bool = Field(True, description="subtract a pair's margin (data) inside the sigmoid")
+    share_prompt: bool = Field(True, description="score chosen and rejected in one row over one copy of the prompt "
+                                                 "(the same rewards from fewer tokens); not under tensor parallelism")
 
 
 class ORPOSettings(Strict):

@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError
 from .packing import TokenizedSample, collate_padded
 from .preference import TokenizedCompletion, TokenizedPair
 
-__all__ = ["PreferenceLoader", "collate_pairs", "collate_unpaired", "kl_partners"]
+__all__ = ["PreferenceLoader", "collate_branched_pairs", "collate_pairs", "collate_unpaired", "kl_partners"]
 
 
 def _with_bookkeeping(batch: dict[str, Any], index: Sequence[int], weight: Sequence[float],
@@ -47,6 +47,67 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, *, index: Sequenc
     batch["margin"] = torch.tensor([p.margin if p.margin is not None else 0.0 for p in pairs], dtype=torch.float32)
     batch["n_pairs"] = int(round(sum(weight)))
     return _with_bookkeeping(batch, index, weight, reference, 2)
+
+
+def collate_branched_pairs(pairs: Sequence[TokenizedPair], pad_id: int | None, *, index: Sequence[int],
+                           weight: Sequence[float], reference: np.ndarray | None = None) -> dict[str, Any]:
+    """B rows, one per pair, for a reward model: the tokens chosen and rejected share (the prompt, at least) once,
+    then the rest of chosen, then the rest of rejected (model/transformer.py's BranchedRows: the rejected tokens
+    attend to the shared ones and their own, never to chosen's). A quarter fewer tokens than 2B rows when prompt
+    and responses are of one length, and the same rewards.
+
+    `reward_positions` (B, 2): where chosen's and rejected's scores are read, by model/heads.py's rule (the last
+    token that is not `pad_id`) applied to each sequence alone, then mapped into the row. Shared tokens are
+    left-padded (so both continuations start at one column), the continuations right-padded; `position_ids` are
+    each sequence's own."""
+    shared = [_common_prefix(p.chosen.input_ids, p.rejected.input_ids) for p in pairs]
+    P = max(shared)
+    C = max(len(p.chosen) - n for p, n in zip(pairs, shared))
+    R = max(len(p.rejected) - n for p, n in zip(pairs, shared))
+    B, fill = len(pairs), pad_id if pad_id is not None else 0
+    ids = np.full((B, P + C + R), fill, dtype=np.int64)
+    positions = np.zeros((B, P + C + R), dtype=np.int64)
+    prefix_real = np.zeros((B, P), dtype=bool)
+    reward_positions = np.zeros((B, 2), dtype=np.int64)
+    for r, (pair, n) in enumerate(zip(pairs, shared)):
+        chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
+        ids[r, P - n:P] = chosen[:n]
+        positions[r, P - n:P] = np.arange(n)
+        prefix_real[r, P - n:] = True
+        for seq, start in ((chosen, P), (rejected, P + C)):
+            rest = len(seq) - n
+            ids[r, start:start + rest] = seq[n:]
+            width = C if start == P else R
+            positions[r, start:start + width] = np.arange(n, n + width)
+        for column, (seq, start) in enumerate(((chosen, P), (rejected, P + C))):
+            last = _last_token(seq, pad_id)
+            reward_positions[r, column] = P - n + last if last < n else start + last - n
+    batch: dict[str, Any] = {
+        "input_ids": torch.from_numpy(ids),
+        "position_ids": torch.from_numpy(positions),
+        "prefix_length": P,
+        "prefix_real": None if prefix_real.all() else torch.from_numpy(prefix_real),
+        "first_length": C,
+        "reward_positions": torch.from_numpy(reward_positions),
+        "margin": torch.tensor([p.margin if p.margin is not None else 0.0 for p in pairs], dtype=torch.float32),
+        "n_pairs": int(round(sum(weight))),
+        "n_tokens": int(sum(len(p.chosen) + len(p.rejected) - n for p, n in zip(pairs, shared))),
+    }
+    return _with_bookkeeping(batch, index, weight, reference, 2)
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+def _last_token(ids: np.ndarray, pad_id: int | None) -> int:
+    """model/heads.py's last_token_index for one unpadded sequence."""
+    if pad_id is None:
+        return len(ids) - 1
+    real = np.flatnonzero(np.asarray(ids) != pad_id)
+    return int(real[-1]) if len(real) else 0
 
 
 def kl_partners(n: int, seed: int) -> np.ndarray:

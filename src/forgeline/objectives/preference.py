@@ -181,10 +181,19 @@ class RewardObjective:
         from ..model.heads import pooled_scores
 
         ids = batch["input_ids"]
-        rewards = pooled_scores(model(ids), ids, unwrap(model).cfg.pad_token_id).float()
-        B = batch["weight"].shape[0]
-        chosen, rejected = rewards[:B], rewards[B:]
-        margin = batch["margin"].to(rewards.device) if self.use_margin else None
+        if "reward_positions" in batch:  # collate_branched_pairs: one row per pair, the prompt computed once
+            from ..model.transformer import BranchedRows
+
+            branches = BranchedRows(prefix=batch["prefix_length"], first=batch["first_length"],
+                                    prefix_real=batch["prefix_real"])
+            scores = model(ids, position_ids=batch["position_ids"], branches=branches,
+                           output_positions=batch["reward_positions"]).float()
+            chosen, rejected = scores[:, 0], scores[:, 1]
+        else:
+            rewards = pooled_scores(model(ids), ids, unwrap(model).cfg.pad_token_id).float()
+            B = batch["weight"].shape[0]
+            chosen, rejected = rewards[:B], rewards[B:]
+        margin = batch["margin"].to(chosen.device) if self.use_margin else None
         losses = bradley_terry_losses(chosen, rejected, margin=margin, center_coef=self.center_coef)
         weight = batch["weight"].to(losses.device)
         metrics = _weighted({"accuracy": (chosen > rejected).float(), "margin": chosen - rejected,

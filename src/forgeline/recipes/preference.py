@@ -31,7 +31,8 @@ import torch
 from ..config import PreferenceStageConfig, ReferenceSettings
 from ..data.chat_templates import ChatTemplate, load_chat_template
 from ..data.preference import PreferenceStats, load_preference_data
-from ..data.preference_batches import PreferenceLoader, collate_pairs, collate_unpaired, kl_partners
+from ..data.preference_batches import (PreferenceLoader, collate_branched_pairs, collate_pairs, collate_unpaired,
+                                      kl_partners)
 from ..errors import DataError
 from ..files import atomic_write_bytes
 from ..model import training_flops_per_token
@@ -97,16 +98,18 @@ def load_split(run: Run, cfg: PreferenceStageConfig, template: ChatTemplate, *, 
     return PreferenceData(train=items, validation=held, stats=stats, kind=kind)
 
 
-def place_and_load(run: Run, cfg: PreferenceStageConfig, model, tokenizer, data: PreferenceData, pad_id: int
-                   ) -> Loaders:
+def place_and_load(run: Run, cfg: PreferenceStageConfig, model, tokenizer, data: PreferenceData, pad_id: int,
+                   *, branched: bool = False) -> Loaders:
     """The model laid out over the ranks (adapters first), and the loaders of its data-parallel rank.
-    `train.global_batch_samples` counts pairs (examples for KTO) per optimizer step."""
+    `train.global_batch_samples` counts pairs (examples for KTO) per optimizer step. branched: one row per pair
+    with the prompt once (data.preference_batches.collate_branched_pairs; a reward model's), where the layout
+    allows it (not under tensor parallelism, whose sequence shards need rows padded to a multiple)."""
     micro = cfg.train.micro_batch_size
     accum = 1
     if cfg.train.global_batch_samples is not None:
         accum = max(1, round(cfg.train.global_batch_samples / (micro * run.dp_size)))
     run.place(model, tokenizer, grad_accum=accum)
-    collate = _collator(cfg, data, pad_id, run.layout.tp)
+    collate = _collator(cfg, data, pad_id, run.layout.tp, branched and run.layout.tp == 1)
     common = dict(micro_batch_size=micro, seed=cfg.seed, rank=run.dp_rank, world_size=run.dp_size,
                   what="pairs" if data.kind == "pairs" else "examples")
     train = PreferenceLoader(data.train, collate(data.train), shuffle=cfg.data.shuffle, grad_accum_steps=accum,
@@ -116,8 +119,13 @@ def place_and_load(run: Run, cfg: PreferenceStageConfig, model, tokenizer, data:
     return Loaders(train=train, validation=val, accum=accum)
 
 
-def _collator(cfg: PreferenceStageConfig, data: PreferenceData, pad_id: int, multiple: int):
+def _collator(cfg: PreferenceStageConfig, data: PreferenceData, pad_id: int, multiple: int, branched: bool):
     if data.kind == "pairs":
+        if branched:
+            def for_branched(items):
+                return lambda batch, **kw: collate_branched_pairs(batch, pad_id, **kw)
+            return for_branched
+
         def for_items(items):
             return lambda batch, **kw: collate_pairs(batch, pad_id, pad_to_multiple_of=multiple, **kw)
         return for_items

@@ -37,7 +37,8 @@ def _rm(run: Run, cfg: RewardConfig, export: bool) -> PreferenceOutcome:
     model, tokenizer, template = starting_model(run, cfg, "rm")
     model = reward_model_from(model, tokenizer)
     data = load_split(run, cfg, template, kind="pairs")
-    loaders = place_and_load(run, cfg, model, tokenizer, data, model.cfg.pad_token_id)
+    loaders = place_and_load(run, cfg, model, tokenizer, data, model.cfg.pad_token_id,
+                             branched=cfg.reward.share_prompt)
     objective = RewardObjective(center_coef=cfg.reward.center_coef, use_margin=cfg.reward.use_margin)
     result, model_dir = train(run, cfg, objective, loaders, export=export and cfg.peft is None, generation_eos=None)
     if export and cfg.peft is not None and result.preempted is None:

@@ -42,6 +42,7 @@ from ..tokenizer import Tokenizer
 from ..kernels import bf16_matmul
 from ..model.formats.checkpoint import RUN_TOKENIZER_DIR, latest_checkpoint, list_checkpoints, print_stderr
 from ..train.checkpoint import select_checkpoint
+from ..train.cpu_allocator import keep_large_blocks
 from ..train.distributed import DistInfo, barrier, init_distributed, shutdown, unwrap
 from ..train.executor import StepExecutor
 from ..train.trainer import Trainer, TrainResult
@@ -232,6 +233,8 @@ class Run:
         if bf16_mode == "auto" and (cfg.train.compile or cfg.train.activation_checkpointing):
             bf16_mode = "native"
         bf16_matmul.configure(bf16_mode)
+        if self.dist.device.type == "cpu":
+            keep_large_blocks()
         self.model, self.tokenizer = model, tokenizer
         if self.whole_model:
             from ..parallel.checkpoint import WholeModelCheckpointer
