@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import forgeline.model.lean_ops as lean
 import forgeline.model.transformer as T
 from forgeline.model.config import ModelConfig
 from forgeline.model.transformer import NO_MASK, RMSNorm, apply_rope, attention, build_model, rope_cos_sin, rotate
@@ -193,20 +194,20 @@ _POSITIONS = torch.cat([torch.arange(11), torch.arange(6, 13)])[None].expand(2, 
 
 @pytest.mark.parametrize("layout", ["causal", "documents", "branched"])
 def test_bf16_attention_function_keeps_the_reference_numbers(monkeypatch, layout):
-    """_Fp32AttentionOfBf16 (bf16 saved tensors, the fp32 kernel) gives the autograd path's output bit for bit and
+    """Fp32AttentionOfBf16 (bf16 saved tensors, the fp32 kernel) gives the autograd path's output bit for bit and
     gradients as close to fp32 training's as the autograd path's own."""
     model = _tiny()
     x = torch.randint(0, 100, (2, 18))
     kwargs = {"causal": {}, "documents": {"doc_ids": torch.tensor([[0] * 9 + [1] * 9, [0] * 18])},
               "branched": {"branches": _BRANCHES, "position_ids": _POSITIONS}}[layout]
     fn = lambda m: m(x, **kwargs)  # noqa: E731
-    monkeypatch.setattr(T, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(lean, "cpu_has_amx", lambda: False)
     calls = []
-    real = T._Fp32AttentionOfBf16.apply
-    monkeypatch.setattr(T._Fp32AttentionOfBf16, "apply", lambda *a: calls.append(1) or real(*a))
+    real = lean.Fp32AttentionOfBf16.apply
+    monkeypatch.setattr(lean.Fp32AttentionOfBf16, "apply", lambda *a: calls.append(1) or real(*a))
     out_new, new = _grads_of(model, fn, autocast=True)
     assert calls, "the bf16 attention function was not used"
-    monkeypatch.setattr(T, "_fp32_attention_of_bf16_ok", lambda *a: False)
+    monkeypatch.setattr(lean, "fp32_attention_of_bf16_ok", lambda *a: False)
     out_old, old = _grads_of(model, fn, autocast=True)
     _, fp32 = _grads_of(model, fn, autocast=False)
     torch.testing.assert_close(out_new, out_old, rtol=0, atol=0)
@@ -247,21 +248,21 @@ def test_output_positions_equal_the_full_forward_at_those_positions():
 
 
 def test_down_projection_and_linear_functions_match_the_modules(monkeypatch):
-    """_SwiGLUDown and _Bf16Linear against nn.Linear and autocast: the same forward values and gradients (fp32:
+    """SwiGLUDown and Bf16Linear against nn.Linear and autocast: the same forward values and gradients (fp32:
     1e-5; bf16 autocast: the module path's output bit for bit)."""
     model = _tiny()
     x = torch.randint(0, 100, (2, 18))
-    monkeypatch.setattr(T, "bf16_matmul_mode", lambda device: "native")
+    monkeypatch.setattr(lean, "bf16_matmul_mode", lambda device: "native")
     calls = {"down": 0, "linear": 0}
-    down, lin = T._SwiGLUDown.apply, T._Bf16Linear.apply
-    monkeypatch.setattr(T._SwiGLUDown, "apply", lambda *a: calls.__setitem__("down", calls["down"] + 1) or down(*a))
-    monkeypatch.setattr(T._Bf16Linear, "apply", lambda *a: calls.__setitem__("linear", calls["linear"] + 1) or lin(*a))
+    down, lin = lean.SwiGLUDown.apply, lean.Bf16Linear.apply
+    monkeypatch.setattr(lean.SwiGLUDown, "apply", lambda *a: calls.__setitem__("down", calls["down"] + 1) or down(*a))
+    monkeypatch.setattr(lean.Bf16Linear, "apply", lambda *a: calls.__setitem__("linear", calls["linear"] + 1) or lin(*a))
     fn = lambda m: m(x)  # noqa: E731
     out32, g32 = _grads_of(model, fn, autocast=False)
     out16, g16 = _grads_of(model, fn, autocast=True)
     assert calls["down"] == 4 and calls["linear"] == 2 * 6  # two passes over two layers; six projections each
-    monkeypatch.setattr(T, "_fused_down_ok", lambda *a: False)
-    monkeypatch.setattr(T, "_plain_weight", lambda proj: False)
+    monkeypatch.setattr(lean, "swiglu_down_ok", lambda *a: False)
+    monkeypatch.setattr(lean, "_plain_weight", lambda proj: False)
     ref32, r32 = _grads_of(model, fn, autocast=False)
     ref16, r16 = _grads_of(model, fn, autocast=True)
     torch.testing.assert_close(out32, ref32, rtol=1e-5, atol=1e-5)
