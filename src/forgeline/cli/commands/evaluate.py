@@ -1,0 +1,66 @@
+"""`forgeline eval MODEL --tasks ...`: benchmark scores with lm-evaluation-harness's prompts and scoring, a table on
+the console, report.json and report.md (and a per-sample log) in --out."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="benchmark a model: MMLU, HellaSwag, ARC, GSM8K, TruthfulQA (--tasks)")
+    p.add_argument("model", metavar="MODEL", help="forgeline model dir, Hugging Face dir, .gguf file, checkpoint, "
+                                                  "run dir or adapter dir")
+    p.add_argument("--tasks", required=True, help="comma-separated: arc_easy, arc_challenge, hellaswag, mmlu, gsm8k, "
+                                                  "truthfulqa_mc1, truthfulqa_mc2")
+    p.add_argument("--base", default=None, help="the base model of an adapter dir (default: the one it records)")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
+                   help="the benchmark's files for a task (default: ../shared/data's copy); repeatable")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N documents of each task")
+    p.add_argument("--sample", type=int, default=None,
+                   help="a stratified random sample of N documents per task, reported with its 95%% interval")
+    p.add_argument("--seed", type=int, default=1234, help="few-shot and sample draws (default 1234)")
+    p.add_argument("--batch-size", type=int, default=16, help="contexts per forward batch (default 16)")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--out", default=None, help="report directory (default: eval-<model name>)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from ...errors import ConfigError
+    from ...eval.engine import RequestEngine
+    from ...eval.run import evaluate, write_report
+    from ...recipes.adapted import load_for_generation
+
+    data = {}
+    for item in args.data:
+        if "=" not in item:
+            raise ConfigError(f"--data takes TASK=PATH, got {item!r}")
+        task, path = item.split("=", 1)
+        data[task.strip()] = path
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks names no task")
+    loaded = load_for_generation(args.model, base=args.base, dtype=args.dtype,
+                                 report=lambda line: print(line, file=sys.stderr, flush=True))
+    engine = RequestEngine(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
+    out = Path(args.out or f"eval-{Path(str(args.model).rstrip('/')).name}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluate(engine, tasks, data=data, num_fewshot=args.num_fewshot, limit=args.limit, sample=args.sample,
+                       seed=args.seed, log_path=out / "samples.jsonl", report=print)
+    stats = engine.stats
+    if stats.truncated:
+        print(f"{stats.truncated} request(s) longer than the model's context were cut from the left")
+    if stats.hit_max_tokens:
+        print(f"{stats.hit_max_tokens} generation(s) stopped at their token limit, not at a stop string")
+    settings = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "sample": args.sample,
+                "seed": args.seed, "dtype": args.dtype, "data": data}
+    json_path, md_path = write_report(results, out, model=str(args.model), settings=settings,
+                                      engine_stats={"requests": stats.requests, "contexts": stats.contexts,
+                                                    "forward_tokens": stats.forward_tokens,
+                                                    "truncated": stats.truncated,
+                                                    "hit_max_tokens": stats.hit_max_tokens})
+    print(md_path.read_text().split("\n", 2)[2].rstrip())
+    print(f"report: {json_path}, {md_path}; per-sample log: {out / 'samples.jsonl'}")
+    return 0

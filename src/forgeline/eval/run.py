@@ -1,0 +1,165 @@
+"""Running tasks on a model: documents -> requests -> the engine -> per-document metrics -> a report.
+
+Every document's record (prompt, per-choice log-likelihoods or the generated text, the extracted answer, its
+metrics) goes to a JSONL log; the report gives each metric's mean with its standard error (the sample standard
+deviation over sqrt(n), as lm-evaluation-harness reports it), and, when only a sample of the documents was
+evaluated (`limit` or `sample`), the 95% interval of the full set's score it estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..files import atomic_write_text
+from .engine import GenerationRequest, RequestEngine
+from .tasks import Doc, GenerationTask, MultipleChoiceTask, Task, get_task
+
+__all__ = ["TaskResult", "evaluate", "select_docs", "write_report"]
+
+
+@dataclass
+class TaskResult:
+    task: str
+    version: int
+    num_fewshot: int
+    n: int  # documents evaluated
+    total: int  # documents in the benchmark's files
+    metrics: dict[str, dict[str, float]]  # metric -> {"mean", "stderr", "ci_low", "ci_high"}
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "version": self.version, "num_fewshot": self.num_fewshot, "n": self.n,
+                "total": self.total, "metrics": self.metrics, "extra": self.extra, "seconds": self.seconds}
+
+
+def select_docs(docs: list[Doc], *, limit: int | None, sample: int | None, seed: int) -> list[Doc]:
+    """The first `limit` documents, or a stratified random `sample` (by group where a task has groups, MMLU's
+    subjects: each gets its share, at least one), or all of them."""
+    if limit is not None and sample is not None:
+        raise ConfigError("give --limit or --sample, not both")
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {limit}")
+        return docs[:limit]
+    if sample is None or sample >= len(docs):
+        return docs
+    if sample < 1:
+        raise ConfigError(f"--sample must be >= 1, got {sample}")
+    rng = random.Random(seed)
+    groups: dict[str, list[Doc]] = {}
+    for doc in docs:
+        groups.setdefault(doc.group, []).append(doc)
+    chosen: list[Doc] = []
+    for name in sorted(groups):
+        members = groups[name]
+        share = max(1, round(sample * len(members) / len(docs)))
+        chosen += rng.sample(members, min(share, len(members)))
+    keep = {id(d) for d in chosen}
+    return [d for d in docs if id(d) in keep]
+
+
+def _summary(values: list[float], total: int) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    stderr = math.sqrt(var / n)
+    if n < total:  # a sample of a finite set: the finite-population correction
+        stderr *= math.sqrt((total - n) / max(total - 1, 1))
+    low, high = mean - 1.96 * stderr, mean + 1.96 * stderr
+    if all(0.0 <= v <= 1.0 for v in values):  # a rate: its interval stays within [0, 1]
+        low, high = max(low, 0.0), min(high, 1.0)
+    return {"mean": mean, "stderr": stderr, "ci_low": low, "ci_high": high}
+
+
+def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str, str] | None = None,
+             num_fewshot: int | None = None, limit: int | None = None, sample: int | None = None,
+             seed: int = 1234, log_path: str | Path | None = None,
+             report=print) -> list[TaskResult]:
+    """Run each task; per-document records to `log_path` (JSONL)."""
+    data = data or {}
+    tasks: list[Task] = [get_task(name, path=data.get(name), num_fewshot=num_fewshot, seed=seed)
+                         for name in task_names]
+    log = open(log_path, "w", encoding="utf-8") if log_path is not None else None
+    results = []
+    try:
+        for task in tasks:
+            started = time.perf_counter()
+            docs = task.docs()
+            if not docs:
+                raise ConfigError(f"{task.name}: {task.path} holds no documents")
+            pool = task.fewshot_pool(docs)
+            chosen = select_docs(docs, limit=limit, sample=sample, seed=seed)
+            prompts = [task.prompt(doc, pool) for doc in chosen]
+            records: list[dict[str, float]] = []
+            if isinstance(task, MultipleChoiceTask):
+                requests = [(prompt, task.target_delimiter + choice)
+                            for prompt, doc in zip(prompts, chosen) for choice in doc.choices]
+                scored = iter(engine.loglikelihood(requests))
+                for prompt, doc in zip(prompts, chosen):
+                    lls = [next(scored) for _ in doc.choices]
+                    metrics = task.score(doc, [r.logprob for r in lls], [r.is_greedy for r in lls])
+                    records.append(metrics)
+                    if log:
+                        log.write(json.dumps({"task": task.name, "doc_id": doc.id, "prompt": prompt,
+                                              "choices": doc.choices, "gold": doc.gold,
+                                              "loglikelihoods": [r.logprob for r in lls],
+                                              "is_greedy": [r.is_greedy for r in lls], "metrics": metrics}) + "\n")
+            elif isinstance(task, GenerationTask):
+                texts = engine.generate_until([GenerationRequest(p, task.until, task.max_new_tokens)
+                                               for p in prompts])
+                for prompt, doc, text in zip(prompts, chosen, texts):
+                    metrics = task.score(doc, text)
+                    records.append(metrics)
+                    if log:
+                        log.write(json.dumps({"task": task.name, "doc_id": doc.id, "prompt": prompt,
+                                              "generated": text, "extracted": task.extract(text),
+                                              "metrics": metrics}) + "\n")
+            metrics = {m: _summary([r[m] for r in records], len(docs)) for m in task.metrics}
+            result = TaskResult(task=task.name, version=task.version, num_fewshot=task.num_fewshot, n=len(chosen),
+                                total=len(docs), metrics=metrics, extra=task.aggregate(chosen, records),
+                                seconds=time.perf_counter() - started)
+            results.append(result)
+            if report:
+                headline = ", ".join(f"{m} {v['mean']:.4f} ± {v['stderr']:.4f}" for m, v in metrics.items())
+                report(f"{task.label}: {headline} (n={len(chosen)} of {len(docs)}, {result.seconds:.1f} s)")
+    finally:
+        if log:
+            log.close()
+    return results
+
+
+def markdown(results: Sequence[TaskResult], *, model: str) -> str:
+    lines = [f"# Evaluation of {model}", "", "| task | version | shots | metric | value | stderr | n |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for r in results:
+        for metric, v in r.metrics.items():
+            lines.append(f"| {r.task} | {r.version} | {r.num_fewshot} | {metric} | {v['mean']:.4f} | "
+                         f"{v['stderr']:.4f} | {r.n} of {r.total} |")
+    for r in results:
+        if r.extra.get("categories"):
+            lines += ["", f"## {r.task} by category", "", "| category | acc | n |", "|---|---:|---:|"]
+            lines += [f"| {c} | {v['acc']:.4f} | {v['n']} |" for c, v in r.extra["categories"].items()]
+            lines.append(f"| (macro average over subjects) | {r.extra['acc_macro']:.4f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: Sequence[TaskResult], out_dir: str | Path, *, model: str, settings: dict[str, Any],
+                 engine_stats: dict[str, Any]) -> tuple[Path, Path]:
+    """report.json and report.md in out_dir, each written whole or not at all."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model, "settings": settings, "engine": engine_stats,
+               "results": [r.to_dict() for r in results]}
+    json_path, md_path = out / "report.json", out / "report.md"
+    atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(md_path, markdown(results, model=model))
+    return json_path, md_path

@@ -1,0 +1,244 @@
+"""The evaluation request engine and tasks: log-likelihoods equal a plain full-sequence computation, do not depend on
+the batch size, follow the harness's tokenisation split; tasks read the real benchmark files with the harness's
+prompts; reports; bad input is one clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from forgeline.errors import ConfigError, DataError, ForgelineError
+from forgeline.eval.engine import GenerationRequest, RequestEngine
+from forgeline.eval.run import evaluate, select_docs, write_report
+from forgeline.eval.tasks import Doc, get_task
+from forgeline.model import ModelConfig, build_model
+
+from test_generate import make_tokenizer  # noqa: E402
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                                max_seq_len=256))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def reference_loglikelihood(model, ctx, cont):
+    """log P(cont | ctx) from one plain forward over ctx + cont."""
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids)[0, :-1].float(), -1)
+    targets = torch.tensor(cont)
+    picked = logp[len(ctx) - 1:].gather(1, targets[:, None])[:, 0]
+    greedy = bool((logp[len(ctx) - 1:].argmax(-1) == targets).all())
+    return picked.sum().item(), greedy
+
+
+REQUESTS = [
+    ("the quick brown fox", " jumps over"),
+    ("the quick brown fox", " hello"),  # same context: computed once
+    ("the quick brown fox", " a"),
+    ("hello world, ", "hello there"),  # a trailing space moves to the continuation
+    ("a b c", " d e f g the lazy dog"),
+    ("", "hello world"),  # an empty context starts from the end-of-text token
+    ("the lazy dog", " x"),
+]
+
+
+def test_loglikelihoods_equal_a_plain_forward_and_follow_the_harness_split(model, tok):
+    engine = RequestEngine(model, tok, batch_size=3)
+    results = engine.loglikelihood(REQUESTS)
+    for (context, continuation), result in zip(REQUESTS, results):
+        ctx, cont = engine.encode_pair(context, continuation)
+        if context:
+            spaces = len(context) - len(context.rstrip())
+            whole = tok.encode(context.rstrip() + context[len(context.rstrip()):] + continuation)
+            assert ctx + cont == whole and ctx == tok.encode(context[:len(context) - spaces])
+        else:
+            assert ctx == [tok.eos_id]
+        lp, greedy = reference_loglikelihood(model, ctx, cont)
+        assert result.logprob == pytest.approx(lp, abs=1e-5)
+        assert result.is_greedy == greedy and result.tokens == len(cont)
+    assert engine.stats.contexts == 5  # the three requests of one context share it
+
+
+def test_scores_do_not_depend_on_the_batch_size(model, tok):
+    requests = [(f"the quick brown fox {'a b c ' * (i % 5)}", choice) for i in range(12)
+                for choice in (" jumps", " over the lazy dog", " hello world")]
+    runs = {}
+    for batch in (1, 4, 16):
+        runs[batch] = RequestEngine(model, tok, batch_size=batch).loglikelihood(requests)
+    for batch in (4, 16):
+        for a, b in zip(runs[1], runs[batch]):
+            assert b.logprob == pytest.approx(a.logprob, abs=1e-5)
+            assert b.is_greedy == a.is_greedy
+    decisions = {b: [max(range(3), key=lambda j: runs[b][3 * i + j].logprob) for i in range(12)] for b in runs}
+    assert decisions[1] == decisions[4] == decisions[16]
+
+
+def test_one_token_continuations_take_one_pass(model, tok):
+    engine = RequestEngine(model, tok)
+    words = [w for w in (" the", " fox", " dog", " quick", " brown", " lazy", " hello", " world")
+             if len(engine.encode_pair("Answer:", w)[1]) == 1][:4]
+    assert len(words) == 4  # one-token continuations, as MMLU's " A" to " D" are in real tokenizers
+    requests = [(f"question {i}\nAnswer:", c) for i in range(5) for c in words]
+    results = engine.loglikelihood(requests)
+    assert engine.stats.contexts == 5
+    for (context, continuation), r in zip(requests, results):
+        lp, _ = reference_loglikelihood(model, *engine.encode_pair(context, continuation))
+        assert r.logprob == pytest.approx(lp, abs=1e-5)
+
+
+def test_long_contexts_are_cut_from_the_left_and_counted(model, tok):
+    engine = RequestEngine(model, tok, max_length=32)
+    long = "the quick brown fox " * 40
+    result = engine.loglikelihood([(long, " jumps over")])[0]
+    assert engine.stats.truncated == 1
+    ctx, cont = engine.encode_pair(long, " jumps over")
+    lp, _ = reference_loglikelihood(model, ctx[-(33 - len(cont)):], cont)
+    assert result.logprob == pytest.approx(lp, abs=1e-5)
+
+
+def test_generation_stops_at_stop_strings_and_is_bounded(model, tok):
+    engine = RequestEngine(model, tok)
+    texts = engine.generate_until([GenerationRequest("hello world", ("the",), max_new_tokens=12),
+                                   GenerationRequest("a b c", (), max_new_tokens=5)])
+    assert "the" not in texts[0] and isinstance(texts[1], str)
+    assert engine.stats.hit_max_tokens >= 1  # a random model rarely emits its end-of-text token in 5 steps
+
+
+# -- tasks on the real files ---------------------------------------------------------------------------------------
+
+
+def test_task_prompts_are_the_harness_prompts(shared_data):
+    arc = get_task("arc_easy")
+    doc = arc.docs()[0]
+    assert arc.prompt(doc, []) == f"Question: {doc.fields['question']}\nAnswer:"
+    assert len(arc.docs()) == 570 and len(get_task("arc_challenge").docs()) == 299
+    hs = get_task("hellaswag")
+    d = hs.docs()[0]
+    assert d.fields["query"].startswith("Removing ice from car: Then, the man writes over the snow")
+    assert d.fields["query"].endswith(" Then") and len(d.choices) == 4 and d.gold == 3
+    mmlu = get_task("mmlu", subjects=["anatomy"])
+    docs = mmlu.docs()
+    prompt = mmlu.prompt(docs[0], docs)
+    assert prompt.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    assert prompt.count("\nAnswer:") == 6 and prompt.endswith("\nD. Homeostasis\nAnswer:")
+    dev = mmlu._dev["anatomy"]
+    assert prompt.split("\n\n")[1].startswith(dev[0].fields["question"].strip())  # dev split, file order
+    tqa = get_task("truthfulqa_mc1")
+    q = tqa.docs()[0]
+    p = tqa.prompt(q, [])
+    assert p.startswith("Q: What is human life expectancy in the United States?") and p.endswith(
+        f"\n\nQ: {q.fields['question']}\nA:")
+    assert q.gold == [0]
+    gsm = get_task("gsm8k", num_fewshot=2)
+    gdocs = gsm.docs()[:50]
+    gp = gsm.prompt(gdocs[0], gdocs)
+    assert gp.count("Question: ") == 3 and gp.endswith(f"Question: {gdocs[0].fields['question']}\nAnswer:")
+    assert gsm.prompt(gdocs[0], gdocs) == gp  # seeded few-shot draw
+
+
+def test_gsm8k_answer_extraction_and_scoring(shared_data):
+    gsm = get_task("gsm8k")
+    doc = Doc(id="x", fields={"question": "q", "answer": "so 3 + 4 = 7\n#### 1,007"})
+    assert gsm.reference(doc) == "1007"
+    assert gsm.score(doc, " It is 1,007.\n#### 1,007") == {"exact_match_strict": 1.0, "exact_match_flexible": 1.0}
+    assert gsm.score(doc, " The answer is $1007.") == {"exact_match_strict": 0.0, "exact_match_flexible": 1.0}
+    assert gsm.score(doc, " 1007 or 12") == {"exact_match_strict": 0.0, "exact_match_flexible": 0.0}
+
+
+def test_truthfulqa_mc2_is_the_true_mass():
+    from forgeline.eval.tasks.truthfulqa import TruthfulQAMC2
+
+    doc = Doc(id="0", fields={}, choices=["t1", "t2", "f1"], gold=[0, 1])
+    score = TruthfulQAMC2.score(None, doc, [math.log(0.2), math.log(0.1), math.log(0.1)], [])
+    assert score["acc"] == pytest.approx(0.75)
+
+
+def test_evaluate_writes_reports_and_a_sample_log(model, tok, shared_data, tmp_path):
+    engine = RequestEngine(model, tok)
+    results = evaluate(engine, ["arc_easy", "mmlu"], limit=4, log_path=tmp_path / "samples.jsonl",
+                       report=None)
+    assert [r.task for r in results] == ["arc_easy", "mmlu"] and all(r.n == 4 for r in results)
+    for r in results:
+        acc = r.metrics["acc"]
+        assert 0 <= acc["mean"] <= 1 and acc["ci_low"] <= acc["mean"] <= acc["ci_high"]
+    lines = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and {"prompt", "loglikelihoods", "metrics", "gold"} <= lines[0].keys()
+    json_path, md_path = write_report(results, tmp_path / "out", model="tiny", settings={}, engine_stats={})
+    assert json.loads(json_path.read_text())["results"][0]["task"] == "arc_easy"
+    assert "| arc_easy |" in md_path.read_text() and "mmlu by category" in md_path.read_text()
+
+
+def test_stratified_sample_covers_every_group():
+    docs = [Doc(id=str(i), fields={}, group=f"g{i % 4}") for i in range(400)]
+    chosen = select_docs(docs, limit=None, sample=40, seed=0)
+    assert len(chosen) == 40 and {d.group for d in chosen} == {"g0", "g1", "g2", "g3"}
+    assert select_docs(docs, limit=None, sample=40, seed=0) == chosen
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown task 'nope'; the tasks are: arc_challenge, arc_easy"):
+        get_task("nope")
+    with pytest.raises(ConfigError, match="does not exist"):
+        get_task("arc_easy", path=tmp_path / "missing.jsonl")
+    bad = tmp_path / "arc.jsonl"
+    bad.write_text('{"id": "a", "question": {"stem": "q", "choices": [{"text": "x", "label": "A"}]}, '
+                   '"answerKey": "A"}\n{"id": "b", "question": {"stem": "q"}, "answerKey": "A"}\n')
+    with pytest.raises(DataError, match=r"arc.jsonl:2.*choices"):
+        get_task("arc_easy", path=bad).docs()
+    bad.write_bytes(b'{"id": "a"\n')
+    with pytest.raises(DataError, match=r"arc.jsonl:1.*malformed JSON"):
+        get_task("arc_easy", path=bad).docs()
+    assert issubclass(DataError, ForgelineError)
+
+
+def test_eval_cli_runs_on_a_model_dir(tmp_path, model, tok, shared_data, capsys):
+    from forgeline.cli import main
+    from forgeline.model.formats.model_dir import save_model_dir
+
+    save_model_dir(model, tok, tmp_path / "m")
+    out = tmp_path / "report"
+    assert main(["eval", str(tmp_path / "m"), "--tasks", "arc_easy,truthfulqa_mc2", "--limit", "3",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "arc_easy" in printed and "truthfulqa_mc2" in printed and (out / "report.json").exists()
+    assert main(["eval", str(tmp_path / "m"), "--tasks", "nope"]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_decontam_cli_finds_planted_benchmark_items(tmp_path, shared_data, capsys):
+    from forgeline.cli import main
+
+    arc = get_task("arc_easy")
+    docs = arc.docs()
+    planted = docs[:3]
+    train = tmp_path / "train.jsonl"
+    with open(train, "w") as fh:
+        for i in range(50):
+            fh.write(json.dumps({"text": f"an unrelated story number {i} about a cat who liked to sit in the sun "
+                                         f"and watch the birds fly over the garden wall every single morning"}) + "\n")
+        for doc in planted:  # verbatim: the question and its answers, as a scraped copy of the benchmark holds them
+            fh.write(json.dumps({"text": arc.contamination_text(doc)}) + "\n")
+    out = tmp_path / "report"
+    assert main(["decontam", "--train", str(train), "--tasks", "arc_easy", "--out", str(out), "--no-fuzzy"]) == 0
+    report = json.loads((out / "contamination.json").read_text())
+    flagged = {f["item_id"] for f in report["flagged"]}
+    assert {d.id for d in planted} <= flagged
+    assert len(flagged) < 10  # the other 567 questions are not in this training data
+    assert "arc_easy" in capsys.readouterr().out
