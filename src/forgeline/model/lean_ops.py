@@ -7,8 +7,9 @@ plans what to keep itself) transformer.py takes the plain path.
     swiglu / SwiGLUDown   silu(a) * b, and w2(silu(a) * b), saving only a and b
     Fp32AttentionOfBf16   rotary embedding + the fp32 CPU flash kernel, saving bf16 q, k, v and output
 
-Measured on SmolLM2-135M's shape, bf16 autocast, 2,048 tokens: 34 KB saved per token and layer before, 12 after
-(with the block norms' bf16 outputs); bench/preference.py's reward-model rows show what it does to a whole run.
+Measured with saved-tensor hooks on SmolLM2-135M's shape (bf16 autocast, 16 rows of 128 tokens): 34 KB saved per
+token and layer before, 15 after (with the block norms' bf16 outputs); bench/preference.py's reward-model rows show
+what it does to a whole run.
 """
 
 from __future__ import annotations
