@@ -242,3 +242,48 @@ def test_decontam_cli_finds_planted_benchmark_items(tmp_path, shared_data, capsy
     assert {d.id for d in planted} <= flagged
     assert len(flagged) < 10  # the other 567 questions are not in this training data
     assert "arc_easy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_requests_are_dealt_over_torchrun_ranks_and_gathered(tmp_path, model, tok):
+    """Two ranks (gloo): each scores its share of the contexts; every rank gets all results, equal to one process's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ranks.py"
+    script.write_text(f'''
+import json, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_eval_engine import REQUESTS
+from test_generate import make_tokenizer
+from forgeline.eval.engine import RequestEngine
+from forgeline.model import ModelConfig, build_model
+torch.manual_seed(0)
+m = build_model(ModelConfig(vocab_size={VOCAB}, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                            max_seq_len=256))
+with torch.no_grad():
+    for p in m.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+dist.init_process_group("gloo")
+engine = RequestEngine(m.eval(), make_tokenizer(), batch_size=2)
+results = engine.loglikelihood(REQUESTS)
+json.dump({{"results": [[r.logprob, r.is_greedy] for r in results], "tokens": engine.stats.forward_tokens}},
+          open({str(tmp_path)!r} + f"/rank{{dist.get_rank()}}.json", "w"))
+dist.barrier()
+dist.destroy_process_group()
+''')
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = RequestEngine(model, tok, batch_size=2)
+    one = single.loglikelihood(REQUESTS)
+    for rank in (0, 1):
+        saved = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        got = saved["results"]
+        assert len(got) == len(REQUESTS)
+        assert 0 < saved["tokens"] < single.stats.forward_tokens  # each rank ran its share only
+        for (lp, greedy), r in zip(got, one):
+            assert lp == pytest.approx(r.logprob, abs=1e-5) and greedy == r.is_greedy
