@@ -287,3 +287,38 @@ dist.destroy_process_group()
         assert 0 < saved["tokens"] < single.stats.forward_tokens  # each rank ran its share only
         for (lp, greedy), r in zip(got, one):
             assert lp == pytest.approx(r.logprob, abs=1e-5) and greedy == r.is_greedy
+
+
+def test_eval_scores_the_clean_subset_against_the_training_data(tmp_path, model, tok, shared_data, capsys):
+    from forgeline.cli import main
+    from forgeline.model.formats.model_dir import save_model_dir
+
+    arc = get_task("arc_easy")
+    docs = arc.docs()[:6]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": arc.contamination_text(d)}) + "\n" for d in docs[:2]))
+    save_model_dir(model, tok, tmp_path / "m")
+    out = tmp_path / "report"
+    assert main(["eval", str(tmp_path / "m"), "--tasks", "arc_easy", "--limit", "6", "--out", str(out),
+                 "--train-data", str(train)]) == 0
+    result = json.loads((out / "report.json").read_text())["results"][0]
+    assert result["contamination"]["flagged"] == 2 and result["contamination"]["clean"] == 4
+    per_doc = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    clean_acc = sum(r["metrics"]["acc"] for r in per_doc[2:]) / 4
+    assert result["contamination"]["clean_metrics"]["acc"]["mean"] == pytest.approx(clean_acc)
+    assert "Contamination" in (out / "report.md").read_text()
+    assert "2 of 6 documents found in the training data" in capsys.readouterr().out
+
+
+def test_training_data_of_a_run(tmp_path):
+    import yaml
+
+    from forgeline.eval.run import training_data_of
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("{}\n")
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"train": [str(data)]}}))
+    assert training_data_of(run / "model") == [data] == training_data_of(run)
+    assert training_data_of(tmp_path / "elsewhere") == []

@@ -22,7 +22,7 @@ from ..files import atomic_write_text
 from .engine import GenerationRequest, RequestEngine
 from .tasks import Doc, GenerationTask, MultipleChoiceTask, Task, get_task
 
-__all__ = ["TaskResult", "evaluate", "select_docs", "write_report"]
+__all__ = ["TaskResult", "add_contamination", "evaluate", "select_docs", "training_data_of", "write_report"]
 
 
 @dataclass
@@ -35,10 +35,15 @@ class TaskResult:
     metrics: dict[str, dict[str, float]]  # metric -> {"mean", "stderr", "ci_low", "ci_high"}
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    per_doc: list[tuple[str, dict[str, float]]] = field(default_factory=list, repr=False)  # (doc id, metrics)
+    contamination: dict[str, Any] | None = None  # add_contamination's counts and clean-subset scores
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "version": self.version, "num_fewshot": self.num_fewshot, "n": self.n,
-                "total": self.total, "metrics": self.metrics, "extra": self.extra, "seconds": self.seconds}
+        out = {"task": self.task, "version": self.version, "num_fewshot": self.num_fewshot, "n": self.n,
+               "total": self.total, "metrics": self.metrics, "extra": self.extra, "seconds": self.seconds}
+        if self.contamination is not None:
+            out["contamination"] = self.contamination
+        return out
 
 
 def select_docs(docs: list[Doc], *, limit: int | None, sample: int | None, seed: int) -> list[Doc]:
@@ -126,7 +131,8 @@ def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str
             metrics = {m: _summary([r[m] for r in records], len(docs)) for m in task.metrics}
             result = TaskResult(task=task.name, version=task.version, num_fewshot=task.num_fewshot, n=len(chosen),
                                 total=len(docs), metrics=metrics, extra=task.aggregate(chosen, records),
-                                seconds=time.perf_counter() - started)
+                                seconds=time.perf_counter() - started,
+                                per_doc=[(doc.id, r) for doc, r in zip(chosen, records)])
             results.append(result)
             if report:
                 headline = ", ".join(f"{m} {v['mean']:.4f} ± {v['stderr']:.4f}" for m, v in metrics.items())
@@ -137,6 +143,47 @@ def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str
     return results
 
 
+def training_data_of(model: str | Path) -> list[Path]:
+    """The training data a model's run names in its config (pre-training's token-shard dataset, or the data.train
+    files of SFT and preference stages), when MODEL is a run directory, its `model/` or one of its checkpoints;
+    [] otherwise."""
+    from ..config import read_yaml
+
+    path = Path(model)
+    for candidate in (path, path.parent, path.parent.parent):
+        config = candidate / "config.yaml"
+        if config.is_file():
+            data = (read_yaml(config) or {}).get("data") or {}
+            found = [data["dataset"]] if data.get("dataset") else list(data.get("train") or [])
+            return [Path(p) for p in found if Path(p).exists()]
+    return []
+
+
+def add_contamination(results: Sequence[TaskResult], tasks: Sequence[Task], sources: Sequence[str | Path], *,
+                      fuzzy: bool = False, report=print) -> Any:
+    """Check every evaluated task's documents against `sources` (eval/contamination.py) and give each result its
+    counts and its scores on the clean subset (the documents not flagged)."""
+    from .contamination import BenchmarkItem, check_contamination
+
+    items = []
+    for result, task in zip(results, tasks):
+        evaluated = {doc_id for doc_id, _ in result.per_doc}
+        items += [BenchmarkItem(task=task.name, item_id=doc.id, text=task.contamination_text(doc))
+                  for doc in task.docs() if doc.id in evaluated]
+    found = check_contamination(items, list(sources), fuzzy=fuzzy)
+    for result in results:
+        clean = found.clean_ids(result.task)
+        kept = [m for doc_id, m in result.per_doc if doc_id in clean]
+        result.contamination = {
+            "flagged": result.n - len(kept), "clean": len(kept),
+            "clean_metrics": {m: _summary([r[m] for r in kept], len(kept)) for m in result.metrics} if kept else {}}
+        if report:
+            scores = ", ".join(f"{m} {v['mean']:.4f}" for m, v in result.contamination["clean_metrics"].items())
+            report(f"{result.task}: {result.n - len(kept)} of {result.n} documents found in the training data"
+                   + (f"; clean subset {scores}" if kept else ""))
+    return found
+
+
 def markdown(results: Sequence[TaskResult], *, model: str) -> str:
     lines = [f"# Evaluation of {model}", "", "| task | version | shots | metric | value | stderr | n |",
              "|---|---:|---:|---|---:|---:|---:|"]
@@ -144,6 +191,17 @@ def markdown(results: Sequence[TaskResult], *, model: str) -> str:
         for metric, v in r.metrics.items():
             lines.append(f"| {r.task} | {r.version} | {r.num_fewshot} | {metric} | {v['mean']:.4f} | "
                          f"{v['stderr']:.4f} | {r.n} of {r.total} |")
+    checked = [r for r in results if r.contamination is not None]
+    if checked:
+        lines += ["", "## Contamination (documents found in the model's training data)", "",
+                  "| task | flagged | clean | metric | full set | clean subset |", "|---|---:|---:|---|---:|---:|"]
+        for r in checked:
+            c = r.contamination
+            for metric, v in r.metrics.items():
+                clean = c["clean_metrics"].get(metric)
+                lines.append(f"| {r.task} | {c['flagged']} | {c['clean']} | {metric} | {v['mean']:.4f} | "
+                             f"{clean['mean']:.4f} |" if clean else f"| {r.task} | {c['flagged']} | 0 | {metric} | "
+                             f"{v['mean']:.4f} | - |")
     for r in results:
         if r.extra.get("categories"):
             lines += ["", f"## {r.task} by category", "", "| category | acc | n |", "|---|---:|---:|"]

@@ -21,6 +21,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward batch (default 16)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--out", default=None, help="report directory (default: eval-<model name>)")
+    p.add_argument("--train-data", nargs="+", default=None, metavar="PATH",
+                   help="check the documents against this training data and score the clean subset too (default: "
+                        "the data a run directory's config names)")
+    p.add_argument("--no-decontam", action="store_true", help="skip the contamination check")
     p.set_defaults(func=run)
 
 
@@ -30,7 +34,8 @@ def run(args) -> int:
 
     from ...errors import ConfigError
     from ...eval.engine import RequestEngine
-    from ...eval.run import evaluate, write_report
+    from ...eval.run import add_contamination, evaluate, training_data_of, write_report
+    from ...eval.tasks import get_task
     from ...recipes.adapted import load_for_generation
 
     data = {}
@@ -49,13 +54,20 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = evaluate(engine, tasks, data=data, num_fewshot=args.num_fewshot, limit=args.limit, sample=args.sample,
                        seed=args.seed, log_path=out / "samples.jsonl", report=print)
+    train_data = [] if args.no_decontam else (args.train_data or training_data_of(args.model))
+    if train_data:
+        print(f"contamination check against {', '.join(str(p) for p in train_data)}")
+        tasks_again = [get_task(name, path=data.get(name), num_fewshot=args.num_fewshot, seed=args.seed)
+                       for name in tasks]
+        add_contamination(results, tasks_again, train_data, report=print)
     stats = engine.stats
     if stats.truncated:
         print(f"{stats.truncated} request(s) longer than the model's context were cut from the left")
     if stats.hit_max_tokens:
         print(f"{stats.hit_max_tokens} generation(s) stopped at their token limit, not at a stop string")
     settings = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "sample": args.sample,
-                "seed": args.seed, "dtype": args.dtype, "data": data}
+                "seed": args.seed, "dtype": args.dtype, "data": data,
+                "contamination_checked_against": [str(p) for p in train_data]}
     json_path, md_path = write_report(results, out, model=str(args.model), settings=settings,
                                       engine_stats={"requests": stats.requests, "contexts": stats.contexts,
                                                     "forward_tokens": stats.forward_tokens,
