@@ -322,3 +322,35 @@ def test_training_data_of_a_run(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"train": [str(data)]}}))
     assert training_data_of(run / "model") == [data] == training_data_of(run)
     assert training_data_of(tmp_path / "elsewhere") == []
+
+
+def test_humaneval_runs_programs_in_the_sandbox(shared_data):
+    from forgeline.eval.tasks.humaneval import pass_at_k
+
+    task = get_task("humaneval")
+    docs = task.docs()
+    assert len(docs) == 17 and docs[0].id == "HumanEval/0" and task.prompt(docs[0], docs) == docs[0].fields["prompt"]
+    for doc in docs[:4]:  # the reference solutions pass, a wrong body fails
+        assert task.score(doc, doc.fields["canonical_solution"]) == {"pass@1": 1.0}
+        assert task.score(doc, "    return None\n") == {"pass@1": 0.0}
+    assert task.score_samples(docs[0], [docs[0].fields["canonical_solution"]] * 1) == {"pass@1": 1.0}
+    assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 10, 5) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3) and pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    sampled = get_task("humaneval", samples=10, temperature=0.8)
+    assert sampled.metrics == ("pass@1", "pass@10")
+    with pytest.raises(ConfigError, match="need sampling"):
+        get_task("humaneval", samples=4)
+
+
+def test_eval_cli_humaneval_with_samples(tmp_path, model, tok, shared_data, capsys):
+    from forgeline.cli import main
+    from forgeline.model.formats.model_dir import save_model_dir
+
+    save_model_dir(model, tok, tmp_path / "m")
+    out = tmp_path / "report"
+    assert main(["eval", str(tmp_path / "m"), "--tasks", "humaneval", "--limit", "2", "--samples", "2",
+                 "--temperature", "0.8", "--out", str(out), "--no-decontam"]) == 0
+    result = json.loads((out / "report.json").read_text())["results"][0]
+    assert result["metrics"]["pass@1"]["mean"] == 0.0  # a random tiny model writes no working Python
+    records = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and len(records[0]["generated"]) == 2

@@ -87,12 +87,13 @@ def _summary(values: list[float], total: int) -> dict[str, float]:
 
 def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str, str] | None = None,
              num_fewshot: int | None = None, limit: int | None = None, sample: int | None = None,
-             seed: int = 1234, log_path: str | Path | None = None,
+             seed: int = 1234, log_path: str | Path | None = None, task_options: dict[str, dict] | None = None,
              report=print) -> list[TaskResult]:
-    """Run each task; per-document records to `log_path` (JSONL)."""
-    data = data or {}
-    tasks: list[Task] = [get_task(name, path=data.get(name), num_fewshot=num_fewshot, seed=seed)
-                         for name in task_names]
+    """Run each task; per-document records to `log_path` (JSONL). task_options: extra constructor arguments per
+    task (HumanEval's samples, temperature, top_p)."""
+    data, task_options = data or {}, task_options or {}
+    tasks: list[Task] = [get_task(name, path=data.get(name), num_fewshot=num_fewshot, seed=seed,
+                                  **task_options.get(name, {})) for name in task_names]
     log = open(log_path, "w", encoding="utf-8") if log_path is not None else None
     results = []
     try:
@@ -119,14 +120,19 @@ def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str
                                               "loglikelihoods": [r.logprob for r in lls],
                                               "is_greedy": [r.is_greedy for r in lls], "metrics": metrics}) + "\n")
             elif isinstance(task, GenerationTask):
-                texts = engine.generate_until([GenerationRequest(p, task.until, task.max_new_tokens)
-                                               for p in prompts])
-                for prompt, doc, text in zip(prompts, chosen, texts):
-                    metrics = task.score(doc, text)
+                n = task.samples
+                texts = engine.generate_until([
+                    GenerationRequest(p, task.until, task.max_new_tokens, temperature=task.temperature,
+                                      top_p=task.top_p, seed=None if task.temperature == 0 else seed * 1000 + j)
+                    for p in prompts for j in range(n)])
+                for i, (prompt, doc) in enumerate(zip(prompts, chosen)):
+                    generated = texts[i * n:(i + 1) * n]
+                    metrics = task.score_samples(doc, generated)
                     records.append(metrics)
                     if log:
                         log.write(json.dumps({"task": task.name, "doc_id": doc.id, "prompt": prompt,
-                                              "generated": text, "extracted": task.extract(text),
+                                              "generated": generated[0] if n == 1 else generated,
+                                              "extracted": task.extract(generated[0]),
                                               "metrics": metrics}) + "\n")
             metrics = {m: _summary([r[m] for r in records], len(docs)) for m in task.metrics}
             result = TaskResult(task=task.name, version=task.version, num_fewshot=task.num_fewshot, n=len(chosen),

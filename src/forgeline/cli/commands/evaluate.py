@@ -9,7 +9,7 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="forgeline model dir, Hugging Face dir, .gguf file, checkpoint, "
                                                   "run dir or adapter dir")
     p.add_argument("--tasks", required=True, help="comma-separated: arc_easy, arc_challenge, hellaswag, mmlu, gsm8k, "
-                                                  "truthfulqa_mc1, truthfulqa_mc2")
+                                                  "humaneval, truthfulqa_mc1, truthfulqa_mc2")
     p.add_argument("--base", default=None, help="the base model of an adapter dir (default: the one it records)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="the benchmark's files for a task (default: ../shared/data's copy); repeatable")
@@ -19,6 +19,10 @@ def register(sub) -> None:
                    help="a stratified random sample of N documents per task, reported with its 95%% interval")
     p.add_argument("--seed", type=int, default=1234, help="few-shot and sample draws (default 1234)")
     p.add_argument("--batch-size", type=int, default=16, help="contexts per forward batch (default 16)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="humaneval: completions per problem (> 1: sampled, pass@k for k in 1, 10, 100 up to it)")
+    p.add_argument("--temperature", type=float, default=0.0, help="humaneval: sampling temperature (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="humaneval: nucleus sampling")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--out", default=None, help="report directory (default: eval-<model name>)")
     p.add_argument("--train-data", nargs="+", default=None, metavar="PATH",
@@ -52,13 +56,14 @@ def run(args) -> int:
     engine = RequestEngine(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
     out = Path(args.out or f"eval-{Path(str(args.model).rstrip('/')).name}")
     out.mkdir(parents=True, exist_ok=True)
+    options = {"humaneval": {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p}}
     results = evaluate(engine, tasks, data=data, num_fewshot=args.num_fewshot, limit=args.limit, sample=args.sample,
-                       seed=args.seed, log_path=out / "samples.jsonl", report=print)
+                       seed=args.seed, log_path=out / "samples.jsonl", task_options=options, report=print)
     train_data = [] if args.no_decontam else (args.train_data or training_data_of(args.model))
     if train_data:
         print(f"contamination check against {', '.join(str(p) for p in train_data)}")
-        tasks_again = [get_task(name, path=data.get(name), num_fewshot=args.num_fewshot, seed=args.seed)
-                       for name in tasks]
+        tasks_again = [get_task(name, path=data.get(name), num_fewshot=args.num_fewshot, seed=args.seed,
+                                **options.get(name, {})) for name in tasks]
         add_contamination(results, tasks_again, train_data, report=print)
     stats = engine.stats
     if stats.truncated:

@@ -145,6 +145,13 @@ class GenerationTask(Task):
     until: ClassVar[tuple[str, ...]] = ()
     max_new_tokens: ClassVar[int] = 256
     metrics: ClassVar[tuple[str, ...]] = ()
+    samples: int = 1  # generations per document (sampled when > 1)
+    temperature: float = 0.0
+    top_p: float | None = None
+
+    def score_samples(self, doc: Doc, texts: list[str]) -> dict[str, float]:
+        """Metrics of several generations of one document (default: the first one's)."""
+        return self.score(doc, texts[0])
 
     @abstractmethod
     def score(self, doc: Doc, text: str) -> dict[str, float]:
@@ -166,10 +173,12 @@ def _registry() -> dict[str, type[Task]]:
     from .arc import ArcChallenge, ArcEasy
     from .gsm8k import GSM8K
     from .hellaswag import HellaSwag
+    from .humaneval import HumanEval
     from .mmlu import MMLU
     from .truthfulqa import TruthfulQAMC1, TruthfulQAMC2
 
-    return {t.name: t for t in (ArcEasy, ArcChallenge, HellaSwag, MMLU, GSM8K, TruthfulQAMC1, TruthfulQAMC2)}
+    return {t.name: t for t in (ArcEasy, ArcChallenge, HellaSwag, MMLU, GSM8K, HumanEval, TruthfulQAMC1,
+                                TruthfulQAMC2)}
 
 
 TASKS: dict[str, type[Task]] = {}
