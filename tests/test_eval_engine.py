@@ -354,3 +354,26 @@ def test_eval_cli_humaneval_with_samples(tmp_path, model, tok, shared_data, caps
     assert result["metrics"]["pass@1"]["mean"] == 0.0  # a random tiny model writes no working Python
     records = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 2 and len(records[0]["generated"]) == 2
+
+
+def test_compare_two_evaluations_with_paired_tests(tmp_path, capsys):
+    from forgeline.cli import main
+    from forgeline.eval.compare import mcnemar_p, paired_bootstrap
+
+    assert mcnemar_p([1, 1, 0, 0], [1, 1, 0, 0]) == 1.0
+    assert mcnemar_p([0] * 10, [1] * 10) == pytest.approx(2 / 2 ** 10)  # ten disagreements, all one way
+    low, high, p = paired_bootstrap([0.1] * 50, [0.3] * 50, resamples=500)
+    assert low == pytest.approx(0.2) and high == pytest.approx(0.2) and p < 0.01
+    for name, correct in (("a", range(0, 40)), ("b", range(0, 70))):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "samples.jsonl", "w") as fh:
+            for i in range(100):
+                fh.write(json.dumps({"task": "arc_easy", "doc_id": str(i), "metrics": {"acc": float(i in correct)}})
+                         + "\n")
+    assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.json")]) == 0
+    row = json.loads((tmp_path / "c.json").read_text())["rows"][0]
+    assert row["diff"] == pytest.approx(0.3) and row["test"] == "McNemar (exact)" and row["p"] < 1e-6
+    assert row["ci_low"] < 0.3 < row["ci_high"]
+    assert "| arc_easy | acc | 100 |" in capsys.readouterr().out
+    assert main(["eval", "compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="benchmark a model: MMLU, HellaSwag, ARC, GSM8K, TruthfulQA (--tasks)")
+    top = sub.add_parser("eval", help="benchmark a model (eval MODEL --tasks ...), or compare two evaluations "
+                                      "(eval compare A B)")
+    top.set_defaults(default_subcommand="run")
+    eval_sub = top.add_subparsers(dest="eval_command", required=True)
+    p = eval_sub.add_parser("run", help="benchmark a model: MMLU, HellaSwag, ARC, GSM8K, HumanEval, TruthfulQA")
     p.add_argument("model", metavar="MODEL", help="forgeline model dir, Hugging Face dir, .gguf file, checkpoint, "
                                                   "run dir or adapter dir")
     p.add_argument("--tasks", required=True, help="comma-separated: arc_easy, arc_challenge, hellaswag, mmlu, gsm8k, "
@@ -30,6 +34,28 @@ def register(sub) -> None:
                         "the data a run directory's config names)")
     p.add_argument("--no-decontam", action="store_true", help="skip the contamination check")
     p.set_defaults(func=run)
+
+    c = eval_sub.add_parser("compare", help="per-task differences of two evaluations with paired significance")
+    c.add_argument("a", metavar="A", help="an evaluation directory (forgeline eval --out DIR)")
+    c.add_argument("b", metavar="B", help="another, of the same tasks and documents")
+    c.add_argument("--resamples", type=int, default=10000, help="paired-bootstrap resamples (default 10000)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="write the comparison as JSON here")
+    c.set_defaults(func=compare)
+
+
+def compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ...eval.compare import compare_dirs, comparison_markdown
+    from ...files import atomic_write_text
+
+    rows = compare_dirs(args.a, args.b, resamples=args.resamples, seed=args.seed)
+    print(comparison_markdown(rows, args.a, args.b).rstrip())
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps({"a": args.a, "b": args.b, "rows": rows}, indent=2) + "\n")
+    return 0
 
 
 def run(args) -> int:
