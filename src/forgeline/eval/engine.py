@@ -170,31 +170,47 @@ class RequestEngine:
                 tok = encoded[i][1][0]
                 out[i] = LoglikelihoodResult(first[b, tok].item(), bool(first[b].argmax().item() == tok), 1)
             return out
-        # One cache row per continuation, then the continuations (all but their last token) as one batch.
-        R, L = len(requests), longest_rest
-        cache.reorder(torch.tensor([b for b, _ in requests], device=device))
-        rest = torch.full((R, L), self.pad_id, dtype=torch.long)
-        rest_mask = torch.zeros((R, L), dtype=torch.long)
-        for r, (b, i) in enumerate(requests):
-            cont = encoded[i][1]
-            rest[r, :len(cont) - 1] = torch.tensor(cont[:-1])
-            rest_mask[r, :len(cont) - 1] = 1
-        start = key_mask.sum(-1)[[b for b, _ in requests]]
-        rest_positions = start[:, None] + torch.arange(L)[None]
-        mask = torch.cat([key_mask[[b for b, _ in requests]], rest_mask], dim=1)
-        hidden = model(rest.to(device), position_ids=rest_positions.to(device), attention_mask=mask.to(device),
-                       kv_cache=cache, return_hidden=True)
-        self.stats.forward_tokens += R * L
-        for r, (b, i) in enumerate(requests):
+        # The continuations (all but their last token) against copies of their context's cache rows, sorted by
+        # length and run in chunks of similar lengths: answers of 1 and of 15 tokens padded to one length would
+        # almost double the tokens run.
+        order = sorted(range(len(requests)), key=lambda r: len(encoded[requests[r][1]][1]))
+        chunk_rows = max(1, min(self.batch_size, self.batch_tokens // max(P + longest_rest, 1)))
+        for start in range(0, len(order), chunk_rows):
+            chunk = [requests[r] for r in order[start:start + chunk_rows]]
+            out.update(self._continue(cache, key_mask, first, chunk, encoded))
+        return out
+
+    def _continue(self, cache, key_mask, first, chunk, encoded) -> dict[int, LoglikelihoodResult]:
+        model, device = self.model, self.device
+        R = len(chunk)
+        L = max(len(encoded[i][1]) for _, i in chunk) - 1
+        rows = [b for b, _ in chunk]
+        out: dict[int, LoglikelihoodResult] = {}
+        hidden = None
+        if L > 0:
+            view = _rows_of(cache, torch.tensor(rows, device=device))
+            rest = torch.full((R, L), self.pad_id, dtype=torch.long)
+            rest_mask = torch.zeros((R, L), dtype=torch.long)
+            for r, (_, i) in enumerate(chunk):
+                cont = encoded[i][1]
+                rest[r, :len(cont) - 1] = torch.tensor(cont[:-1])
+                rest_mask[r, :len(cont) - 1] = 1
+            start = key_mask.sum(-1)[rows]
+            rest_positions = start[:, None] + torch.arange(L)[None]
+            mask = torch.cat([key_mask[rows], rest_mask], dim=1)
+            hidden = model(rest.to(device), position_ids=rest_positions.to(device), attention_mask=mask.to(device),
+                           kv_cache=view, return_hidden=True)
+            self.stats.forward_tokens += R * L
+        for r, (b, i) in enumerate(chunk):
             cont = encoded[i][1]
             n = len(cont)
-            logits = F.log_softmax(model.output(hidden[r, :n - 1]).float(), dim=-1) if n > 1 else None
-            target = torch.tensor(cont, device=device)
             lp = first[b, cont[0]].item()
             greedy = first[b].argmax().item() == cont[0]
-            if logits is not None:
-                lp += logits.gather(1, target[1:, None]).sum().item()
-                greedy = greedy and bool((logits.argmax(-1) == target[1:]).all())
+            if n > 1:
+                logits = F.log_softmax(model.output(hidden[r, :n - 1]).float(), dim=-1)
+                target = torch.tensor(cont[1:], device=device)
+                lp += logits.gather(1, target[:, None]).sum().item()
+                greedy = greedy and bool((logits.argmax(-1) == target).all())
             out[i] = LoglikelihoodResult(lp, bool(greedy), n)
         return out
 
@@ -241,6 +257,16 @@ class RequestEngine:
             self.model.train(was_training)
         texts = _gather(texts)
         return [texts[i] for i in range(len(requests))]
+
+
+def _rows_of(cache, index: torch.Tensor):
+    """A new KV cache holding copies of `cache`'s rows `index` (the shared context's keys and values, once per
+    continuation), at the same length; `cache` itself stays as it is for the next chunk."""
+    view = object.__new__(type(cache))
+    view.keys = [k.index_select(0, index) for k in cache.keys]
+    view.values = [v.index_select(0, index) for v in cache.values]
+    view.max_len, view.length = cache.max_len, cache.length
+    return view
 
 
 def _my_share(items: list) -> list:
