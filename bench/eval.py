@@ -63,30 +63,11 @@ def child(framework: str, spec: dict) -> dict:
         return {"seconds": seconds, "samples": samples}
     from forgeline.eval.engine import RequestEngine
     from forgeline.eval.run import evaluate
-    from forgeline.eval.tasks import TASKS, get_task
-    from forgeline.eval.tasks.gsm8k import GSM8K
     from forgeline.recipes.adapted import load_for_generation
 
     loaded = load_for_generation(hf_dir, dtype="float32", report=None)
     engine = RequestEngine(loaded.model, loaded.tokenizer, batch_size=spec["batch_size"])
-    get_task("arc_easy")
-
-    class GSM8KFirstN(GSM8K):
-        name = "gsm8k_first_n"
-        fewshot_sampler = "first_n"
-
-        def __init__(self, path=None, **kw):
-            super().__init__(work / "gsm8k_eval.jsonl", **kw)
-            self.shots = self.read(work / "gsm8k_shots.jsonl")
-
-        def group_pool(self, doc, pool):
-            return self.shots
-
-    TASKS["gsm8k_first_n"] = GSM8KFirstN
-    mmlu = get_task("mmlu", subjects=[spec["mmlu_subject"]])
-    TASKS["mmlu_subset"] = type("MMLUSubset", (type(mmlu),), {"name": "mmlu_subset", "__init__": (
-        lambda self, path=None, **kw: type(mmlu).__init__(self, path, subjects=[spec["mmlu_subject"]], **kw))})
-    name = {"gsm8k": "gsm8k_first_n", "mmlu": "mmlu_subset"}.get(task, task)
+    name = agreement.register_bench_tasks(work, [spec["mmlu_subject"]]).get(task, task)
     started = time.perf_counter()
     evaluate(engine, [name], limit=limit, log_path=work / f"forgeline-{task}.jsonl", report=None)
     seconds = time.perf_counter() - started

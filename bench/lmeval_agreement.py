@@ -147,36 +147,49 @@ def run_harness(hf_dir: Path, task_names: list[str], tasks_dir: Path, limit: int
     return out, loaded - started, time.perf_counter() - loaded
 
 
-def run_forgeline(hf_dir: Path, work: Path, limit: int | None, batch_size: int, gsm_eval_file: Path):
-    from forgeline.eval.engine import RequestEngine
-    from forgeline.eval.run import evaluate
+def register_bench_tasks(work: Path, mmlu_subjects: list[str]) -> dict[str, str]:
+    """forgeline's side of the set-up: GSM8K evaluated on `work`/gsm8k_eval.jsonl with the first examples of
+    gsm8k_shots.jsonl (the harness's first_n sampler), and MMLU on the given subjects; returns the forgeline task
+    name for each benchmark whose name differs."""
     from forgeline.eval.tasks import TASKS, get_task
     from forgeline.eval.tasks.gsm8k import GSM8K
+    from forgeline.eval.tasks.mmlu import MMLU
+
+    get_task("arc_easy")  # fills the registry
+
+    class GSM8KFirstN(GSM8K):
+        name = "gsm8k_first_n"
+        fewshot_sampler = "first_n"
+
+        def __init__(self, path=None, **kw):
+            super().__init__(work / "gsm8k_eval.jsonl", **kw)
+            self.shots = self.read(work / "gsm8k_shots.jsonl")
+
+        def group_pool(self, doc, pool):
+            return self.shots
+
+    class MMLUSubset(MMLU):
+        name = "mmlu_subset"
+
+        def __init__(self, path=None, **kw):
+            super().__init__(path, subjects=mmlu_subjects, **kw)
+
+    TASKS["gsm8k_first_n"], TASKS["mmlu_subset"] = GSM8KFirstN, MMLUSubset
+    return {"gsm8k": "gsm8k_first_n", "mmlu": "mmlu_subset"}
+
+
+def run_forgeline(hf_dir: Path, work: Path, limit: int | None, batch_size: int):
+    from forgeline.eval.engine import RequestEngine
+    from forgeline.eval.run import evaluate
     from forgeline.recipes.adapted import load_for_generation
 
     started = time.perf_counter()
     loaded = load_for_generation(hf_dir, dtype="float32", report=None)
     engine = RequestEngine(loaded.model, loaded.tokenizer, batch_size=batch_size)
     ready = time.perf_counter()
-    get_task("arc_easy")  # fills the registry
-
-    class GSM8KFirstN(GSM8K):  # the few-shot pool in its own file, taken in order (see the module docstring)
-        name = "gsm8k_first_n"
-        fewshot_sampler = "first_n"
-
-        def __init__(self, path=None, **kw):
-            super().__init__(gsm_eval_file, **kw)
-            self.shots = self.read(work / "gsm8k_shots.jsonl")
-
-        def group_pool(self, doc, pool):
-            return self.shots
-
-    TASKS["gsm8k_first_n"] = GSM8KFirstN
+    register_bench_tasks(work, MMLU_SUBJECTS)
     tasks = ["arc_easy", "arc_challenge", "hellaswag", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k_first_n"]
     results = evaluate(engine, tasks, limit=limit, log_path=work / "forgeline_samples.jsonl", report=None)
-    mmlu = get_task("mmlu", subjects=MMLU_SUBJECTS)
-    TASKS["mmlu_subset"] = type("MMLUSubset", (type(mmlu),), {"name": "mmlu_subset", "__init__": (
-        lambda self, path=None, **kw: type(mmlu).__init__(self, path, subjects=MMLU_SUBJECTS, **kw))})
     results += evaluate(engine, ["mmlu_subset"], log_path=work / "forgeline_mmlu_samples.jsonl", report=None)
     return results, ready - started, time.perf_counter() - ready
 
@@ -201,8 +214,7 @@ def main(argv=None) -> int:
         names = prepare(work, data, args.gsm8k)
         harness_tasks = [n for group in names.values() for n in group]
         h_out, h_load, h_wall = run_harness(hf_dir, harness_tasks, work / "tasks", args.limit, args.batch_size)
-        f_results, f_load, f_wall = run_forgeline(hf_dir, work, args.limit, args.batch_size,
-                                                   work / "gsm8k_eval.jsonl")
+        f_results, f_load, f_wall = run_forgeline(hf_dir, work, args.limit, args.batch_size)
         ours = {}
         for path in (work / "forgeline_samples.jsonl", work / "forgeline_mmlu_samples.jsonl"):
             for line in path.read_text().splitlines():

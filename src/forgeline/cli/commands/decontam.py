@@ -23,19 +23,14 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from ...errors import ConfigError
     from ...eval.contamination import BenchmarkItem, check_contamination
-    from ...files import atomic_write_text
     from ...eval.tasks import get_task
+    from ...files import atomic_write_text
+    from .evaluate import task_arguments
 
-    data = {}
-    for item in args.data:
-        if "=" not in item:
-            raise ConfigError(f"--data takes TASK=PATH, got {item!r}")
-        task, path = item.split("=", 1)
-        data[task.strip()] = path
+    tasks, data = task_arguments(args)
     items = []
-    for name in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+    for name in tasks:
         task = get_task(name, path=data.get(name))
         items += [BenchmarkItem(task=name, item_id=doc.id, text=task.contamination_text(doc)) for doc in task.docs()]
     report = check_contamination(items, args.train, n=args.n, threshold=args.threshold, fuzzy=not args.no_fuzzy,

@@ -58,15 +58,9 @@ def compare(args) -> int:
     return 0
 
 
-def run(args) -> int:
-    import sys
-    from pathlib import Path
-
+def task_arguments(args) -> tuple[list[str], dict[str, str]]:
+    """--tasks a,b,c and the repeatable --data TASK=PATH, as eval and decontam take them."""
     from ...errors import ConfigError
-    from ...eval.engine import RequestEngine
-    from ...eval.run import add_contamination, evaluate, training_data_of, write_report
-    from ...eval.tasks import get_task
-    from ...recipes.adapted import load_for_generation
 
     data = {}
     for item in args.data:
@@ -77,6 +71,19 @@ def run(args) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ConfigError("--tasks names no task")
+    return tasks, data
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from ...eval.engine import RequestEngine
+    from ...eval.run import add_contamination, evaluate, training_data_of, write_report
+    from ...eval.tasks import get_task
+    from ...recipes.adapted import load_for_generation
+
+    tasks, data = task_arguments(args)
     loaded = load_for_generation(args.model, base=args.base, dtype=args.dtype,
                                  report=lambda line: print(line, file=sys.stderr, flush=True))
     engine = RequestEngine(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
