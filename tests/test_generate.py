@@ -63,6 +63,35 @@ def test_batched_left_padded_greedy_equals_unbatched(model):
         assert torch.allclose(torch.tensor(completion.logprobs), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("suffixes", [[[30, 31, 32], [40], [50, 51, 52, 53, 54]], [[30, 31], [40, 41]]],
+                         ids=["padded", "same-length"])
+def test_prompts_with_a_shared_prefix_compute_it_once_and_generate_as_alone(model, suffixes, monkeypatch):
+    from forgeline.model.inference import generate as generate_module
+
+    shared = [int(t) for t in torch.randint(0, 320, (20,), generator=torch.Generator().manual_seed(1))]
+    prompts = [shared + s for s in suffixes]
+    assert generate_module.shared_prefix_length(prompts) == 20
+    calls = []
+    real = generate_module.fill_shared_prefix
+    monkeypatch.setattr(generate_module, "fill_shared_prefix", lambda *a: calls.append(a[2].shape) or real(*a))
+    batched = generate(model, prompts, max_new_tokens=10)
+    assert calls == [torch.Size([1, 20])]
+    for prompt, completion in zip(prompts, batched):
+        alone = generate(model, [prompt], max_new_tokens=10)[0]
+        assert completion.tokens == alone.tokens
+        ref = full_forward_logprobs(model, prompt, completion.tokens)
+        assert torch.allclose(torch.tensor(completion.logprobs), ref, atol=1e-5)
+
+
+def test_shared_prefix_length_leaves_every_row_a_token_and_skips_short_ones():
+    from forgeline.model.inference.generate import shared_prefix_length
+
+    assert shared_prefix_length([list(range(30)), list(range(30))]) == 29
+    assert shared_prefix_length([list(range(30)), list(range(10)) + [99] * 20]) == 0  # 10 < the minimum
+    assert shared_prefix_length([list(range(30)), list(range(10)) + [99] * 20], minimum=4) == 10
+    assert shared_prefix_length([list(range(30))]) == 0
+
+
 def test_sampling_is_seeded_and_logprobs_are_the_raw_distribution(model):
     cfg = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=50, top_p=0.9,
                            repetition_penalty=1.2, seed=123)

@@ -264,16 +264,21 @@ def _loop(model, ids, cfg, max_new, stop_ids, tokenizer, stream_text) -> Iterato
     pad = 0
     if tokenizer is not None and tokenizer.pad_id is not None and tokenizer.pad_id < model.cfg.vocab_size:
         pad = tokenizer.pad_id
+    # Prompts that start alike (a benchmark's few-shot examples) share their keys and values: the shared tokens run
+    # once, in one row, and every row's cache starts with a copy of them. Each row is laid out as
+    # [shared prefix | left padding | the rest of its prompt].
+    shared = shared_prefix_length(ids)
     prompt = torch.full((B, P), pad, dtype=torch.long)
     for i, p in enumerate(ids):
-        prompt[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        prompt[i, :shared] = torch.tensor(p[:shared], dtype=torch.long)
+        prompt[i, shared + P - len(p):] = torch.tensor(p[shared:], dtype=torch.long)
     prompt = prompt.to(device)
     padded = min(lens) != P
     attn = positions = None
     if padded:
         attn = torch.ones((B, total), dtype=torch.long, device=device)
         for i, n in enumerate(lens):
-            attn[i, : P - n] = 0
+            attn[i, shared: shared + P - n] = 0
         positions = (attn[:, :P].cumsum(-1) - 1).clamp(min=0)
         next_pos = torch.tensor(lens, device=device)
     generator = torch.Generator(device=device)
@@ -291,11 +296,13 @@ def _loop(model, ids, cfg, max_new, stop_ids, tokenizer, stream_text) -> Iterato
     texts = [_RowText(tokenizer, cfg.stop_strings) if need_text else None for _ in range(B)]
 
     cache = model.new_kv_cache(B, total)
+    if shared:
+        fill_shared_prefix(model, cache, prompt[:1, :shared])
     # Decoding steps on a CPU go through the native kernels when the model allows it (see model/decode.py);
     # the prompt's prefill always takes torch's batched path.
     decoder = NativeDecoder.for_model(model) if device.type == "cpu" else None
-    hidden = model(prompt, position_ids=positions, attention_mask=None if attn is None else attn[:, :P],
-                   kv_cache=cache, return_hidden=True)[:, -1]
+    hidden = model(prompt[:, shared:], position_ids=None if positions is None else positions[:, shared:],
+                   attention_mask=None if attn is None else attn[:, :P], kv_cache=cache, return_hidden=True)[:, -1]
     logits = model.output(hidden)
     for step in range(max_new):
         logits = logits.float()
@@ -359,6 +366,36 @@ def _loop(model, ids, cfg, max_new, stop_ids, tokenizer, stream_text) -> Iterato
             logits = model.output(hidden)
         if attn is not None:
             next_pos = next_pos + 1
+
+
+# Below this many tokens a shared prefix is not worth its own forward call and cache copies.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> int:
+    """How many leading tokens every row has in common, leaving each row at least one token of its own (its last
+    position's output is needed); 0 for a single row or when fewer than `minimum` are shared."""
+    if len(rows) < 2:
+        return 0
+    first, limit = rows[0], min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == first[n] for r in rows):
+        n += 1
+    return n if n >= minimum else 0
+
+
+def fill_shared_prefix(model: Transformer, cache, prefix: torch.Tensor) -> None:
+    """Compute the (1, S) `prefix` tokens' keys and values once and write them into the first S positions of every
+    row of `cache` (which must be empty)."""
+    if cache.length:
+        raise ValueError("a shared prefix goes into an empty KV cache")
+    S = prefix.shape[1]
+    one = model.new_kv_cache(1, S)
+    model(prefix, kv_cache=one, return_hidden=True)
+    for layer, (k, v) in enumerate(zip(one.keys, one.values)):
+        cache.keys[layer][:, :, :S] = k
+        cache.values[layer][:, :, :S] = v
+    cache.length = S
 
 
 def generate(
