@@ -9,13 +9,15 @@ len(encode(context)) (so a merge across the boundary is scored as the harness sc
 (`add_bos`); an empty context becomes the end-of-text token; a sequence longer than the model's context is cut from
 the left (counted in `stats.truncated`).
 
-Speed comes from computing each distinct context once:
-* continuations of one token each (MMLU's " A".." D"): one forward pass over the context, every continuation read
-  off its last position's distribution;
-* longer continuations (ARC's answer texts, HellaSwag's endings): the context's keys and values are computed once
-  into a KV cache, which is copied to one row per continuation; the continuations then run as one batch against it.
-Contexts are sorted by length and batched with left padding; per-request results do not depend on the batch they
-were computed in (within float rounding: tests/test_eval_engine.py checks 1e-5 across batch sizes 1, 4 and 16).
+Speed comes from computing each token once:
+* contexts that share a prefix of at least MIN_SHARED_PREFIX tokens (a task's few-shot examples, an MMLU subject's
+  header and dev questions) have its keys and values computed once and copied into every row's cache;
+* a context and all its continuations run as one row, [context | continuation 1 | continuation 2 | ...], where each
+  continuation attends to its context and itself (never to its siblings) at the positions that follow the context:
+  the context runs once for all its choices, and a continuation's last token, which is only predicted, not at all;
+* logits are computed only at the positions that score a continuation token.
+Rows are sorted by length and batched with right padding; per-request results do not depend on the batch they were
+computed in (within float rounding: tests/test_eval_engine.py checks 1e-5 across batch sizes 1, 4 and 16).
 Under torchrun the distinct contexts are dealt out over the ranks and the results gathered on every rank.
 """
 
@@ -25,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..model.inference.generate import GenerationConfig, generate
@@ -68,7 +69,7 @@ class RequestEngine:
     row holds 2 x layers x kv_heads x head_dim floats per position."""
 
     def __init__(self, model: Transformer, tokenizer, *, batch_size: int = 16, batch_tokens: int = 8192,
-                 max_length: int | None = None, add_bos: bool = False):
+                 max_length: int | None = None, add_bos: bool = False, shard: bool = True):
         require_lm_head(model, "evaluate")
         if batch_size < 1 or batch_tokens < 1:
             raise ConfigError("batch_size and batch_tokens must be >= 1")
@@ -76,6 +77,9 @@ class RequestEngine:
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.max_length = min(max_length or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.add_bos = add_bos
+        # Under torchrun each rank takes its share of the requests; a model whose forward is itself collective
+        # (FSDP, tensor or pipeline parallel) needs every rank to run the same forwards: shard=False.
+        self.shard = shard
         self.device = model.inv_freq.device
         eot = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
         if eot is None:
@@ -124,94 +128,105 @@ class RequestEngine:
         for i, (ctx, _) in enumerate(encoded):
             groups.setdefault(ctx, []).append(i)
         contexts = sorted(groups, key=lambda c: (-len(c), c))
-        mine = _my_share(contexts)
+        mine = _my_share(contexts) if self.shard else contexts
         self.stats.contexts += len(contexts)
         results: dict[int, LoglikelihoodResult] = {}
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
-                batch: list[tuple[int, ...]] = []
-                for ctx in mine:
-                    rows = sum(len(groups[c]) for c in batch) + len(groups[ctx])
-                    longest = max([len(c) for c in batch] + [len(ctx)]) + max(len(encoded[i][1]) for i in groups[ctx])
-                    if batch and (len(batch) >= self.batch_size or rows * longest > self.batch_tokens):
-                        results.update(self._score(batch, groups, encoded))
-                        batch = []
-                    batch.append(ctx)
-                if batch:
-                    results.update(self._score(batch, groups, encoded))
+                for shared, family in _families(mine):
+                    prefix = self._prefix_cache(family[0][:shared]) if shared else None
+                    rows = sorted(family, key=lambda c: -_row_length(c, groups[c], encoded, shared))
+                    batch: list[tuple[int, ...]] = []
+                    for ctx in rows:
+                        longest = _row_length(batch[0] if batch else ctx, groups[batch[0] if batch else ctx],
+                                              encoded, shared)
+                        if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * longest > self.batch_tokens):
+                            results.update(self._score(batch, groups, encoded, shared, prefix))
+                            batch = []
+                        batch.append(ctx)
+                    if batch:
+                        results.update(self._score(batch, groups, encoded, shared, prefix))
         finally:
             self.model.train(was_training)
-        results = _gather(results)
+        results = _gather(results) if self.shard else results
         return [results[i] for i in range(len(encoded))]
 
-    def _score(self, contexts: list[tuple[int, ...]], groups: dict, encoded: list) -> dict[int, LoglikelihoodResult]:
-        model, device = self.model, self.device
-        B, P = len(contexts), max(len(c) for c in contexts)
-        tokens = torch.full((B, P), self.pad_id, dtype=torch.long)
-        key_mask = torch.zeros((B, P), dtype=torch.long)
-        for b, ctx in enumerate(contexts):
-            tokens[b, P - len(ctx):] = torch.tensor(ctx)
-            key_mask[b, P - len(ctx):] = 1
-        padded = bool((key_mask == 0).any())
-        positions = (key_mask.cumsum(-1) - 1).clamp(min=0)
-        requests = [(b, i) for b, ctx in enumerate(contexts) for i in groups[ctx]]
-        longest_rest = max(len(encoded[i][1]) for _, i in requests) - 1
-        cache = model.new_kv_cache(B, P + longest_rest) if longest_rest > 0 else None
-        hidden = model(tokens.to(device), position_ids=positions.to(device),
-                       attention_mask=key_mask.to(device) if padded else None, kv_cache=cache,
-                       return_hidden=True)[:, -1]
-        first = F.log_softmax(model.output(hidden).float(), dim=-1)  # (B, V): each context's next-token log-probs
-        self.stats.forward_tokens += B * P
-        out: dict[int, LoglikelihoodResult] = {}
-        if cache is None:  # every continuation is one token
-            for b, i in requests:
-                tok = encoded[i][1][0]
-                out[i] = LoglikelihoodResult(first[b, tok].item(), bool(first[b].argmax().item() == tok), 1)
-            return out
-        # The continuations (all but their last token) against copies of their context's cache rows, sorted by
-        # length and run in chunks of similar lengths: answers of 1 and of 15 tokens padded to one length would
-        # almost double the tokens run.
-        order = sorted(range(len(requests)), key=lambda r: len(encoded[requests[r][1]][1]))
-        chunk_rows = max(1, min(self.batch_size, self.batch_tokens // max(P + longest_rest, 1)))
-        for start in range(0, len(order), chunk_rows):
-            chunk = [requests[r] for r in order[start:start + chunk_rows]]
-            out.update(self._continue(cache, key_mask, first, chunk, encoded))
-        return out
+    def _prefix_cache(self, prefix: tuple[int, ...]):
+        cache = self.model.new_kv_cache(1, len(prefix))
+        self.model(torch.tensor([prefix], device=self.device), kv_cache=cache, return_hidden=True)
+        self.stats.forward_tokens += len(prefix)
+        return cache
 
-    def _continue(self, cache, key_mask, first, chunk, encoded) -> dict[int, LoglikelihoodResult]:
+    def _score(self, contexts: list[tuple[int, ...]], groups: dict, encoded: list, shared: int,
+               prefix) -> dict[int, LoglikelihoodResult]:
+        """One forward pass over rows [context after the shared prefix | continuation 1 | continuation 2 | ...]:
+        each continuation (less its last token, which is only predicted) attends to its context and to itself,
+        never to its siblings, at the positions that follow the context, so it is computed exactly as if it
+        followed the context alone, and the context is computed once. Rows are right-padded."""
         model, device = self.model, self.device
-        R = len(chunk)
-        L = max(len(encoded[i][1]) for _, i in chunk) - 1
-        rows = [b for b, _ in chunk]
-        out: dict[int, LoglikelihoodResult] = {}
-        hidden = None
-        if L > 0:
-            view = _rows_of(cache, torch.tensor(rows, device=device))
-            rest = torch.full((R, L), self.pad_id, dtype=torch.long)
-            rest_mask = torch.zeros((R, L), dtype=torch.long)
-            for r, (_, i) in enumerate(chunk):
+        B = len(contexts)
+        T = max(_row_length(c, groups[c], encoded, shared) for c in contexts)
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((B, T), dtype=torch.long)
+        branch = torch.full((B, T), -1, dtype=torch.long)  # 0: the context; k: continuation k; -1: padding
+        # Per request: the (row, column) of each position whose next-token distribution scores one of its tokens.
+        rows_at, cols_at, targets, owner = [], [], [], []
+        for b, ctx in enumerate(contexts):
+            own = ctx[shared:]
+            row, pos, br = list(own), list(range(shared, len(ctx))), [0] * len(own)
+            for k, i in enumerate(groups[ctx], start=1):
                 cont = encoded[i][1]
-                rest[r, :len(cont) - 1] = torch.tensor(cont[:-1])
-                rest_mask[r, :len(cont) - 1] = 1
-            start = key_mask.sum(-1)[rows]
-            rest_positions = start[:, None] + torch.arange(L)[None]
-            mask = torch.cat([key_mask[rows], rest_mask], dim=1)
-            hidden = model(rest.to(device), position_ids=rest_positions.to(device), attention_mask=mask.to(device),
-                           kv_cache=view, return_hidden=True)
-            self.stats.forward_tokens += R * L
-        for r, (b, i) in enumerate(chunk):
-            cont = encoded[i][1]
-            n = len(cont)
-            lp = first[b, cont[0]].item()
-            greedy = first[b].argmax().item() == cont[0]
-            if n > 1:
-                logits = F.log_softmax(model.output(hidden[r, :n - 1]).float(), dim=-1)
-                target = torch.tensor(cont[1:], device=device)
-                lp += logits.gather(1, target[:, None]).sum().item()
-                greedy = greedy and bool((logits.argmax(-1) == target).all())
-            out[i] = LoglikelihoodResult(lp, bool(greedy), n)
+                at = [len(own) - 1] + list(range(len(row), len(row) + len(cont) - 1))
+                row += cont[:-1]
+                pos += range(len(ctx), len(ctx) + len(cont) - 1)
+                br += [k] * (len(cont) - 1)
+                rows_at += [b] * len(at)
+                cols_at += at
+                targets += cont
+                owner += [i] * len(cont)
+            tokens[b, :len(row)] = torch.tensor(row)
+            positions[b, :len(row)] = torch.tensor(pos)
+            branch[b, :len(row)] = torch.tensor(br)
+        if bool((branch > 0).any()):
+            q, k = torch.arange(T), torch.arange(T)
+            mask = (k[None, :] <= q[:, None])[None] & (branch[:, None, :] >= 0) \
+                & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
+            mask |= torch.eye(T, dtype=torch.bool)[None]  # a padding query keeps its own key (no all-masked row)
+            if shared:
+                mask = torch.cat([mask.new_ones(B, T, shared), mask], dim=2)
+            mask = mask[:, None]
+        else:  # one-token continuations only: plain causal attention (padding is on the right, after every query)
+            mask = None
+        cache = None
+        if prefix is not None:
+            cache = model.new_kv_cache(B, shared + T)
+            for layer, (k_, v_) in enumerate(zip(prefix.keys, prefix.values)):
+                cache.keys[layer][:, :, :shared] = k_
+                cache.values[layer][:, :, :shared] = v_
+            cache.length = shared
+        hidden = model(tokens.to(device), position_ids=positions.to(device),
+                       attention_mask=None if mask is None else mask.to(device), kv_cache=cache, return_hidden=True)
+        self.stats.forward_tokens += B * T
+        picked = hidden[torch.tensor(rows_at, device=device), torch.tensor(cols_at, device=device)]
+        target = torch.tensor(targets, device=device)
+        logprob, greedy = [], []
+        for start in range(0, len(targets), _LOGIT_CHUNK):  # (positions, vocab) logits a chunk at a time
+            logits = model.output(picked[start:start + _LOGIT_CHUNK]).float()
+            t = target[start:start + _LOGIT_CHUNK]
+            logprob.append(logits.gather(1, t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+            greedy.append(logits.argmax(-1) == t)
+        lp_list, greedy_list = torch.cat(logprob).tolist(), torch.cat(greedy).tolist()
+        out: dict[int, LoglikelihoodResult] = {}
+        sums: dict[int, list] = {}
+        for i, lp, g in zip(owner, lp_list, greedy_list):
+            acc = sums.setdefault(i, [0.0, True, 0])
+            acc[0] += lp
+            acc[1] = acc[1] and g
+            acc[2] += 1
+        for i, (lp, g, n) in sums.items():
+            out[i] = LoglikelihoodResult(lp, bool(g), n)
         return out
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -221,7 +236,7 @@ class RequestEngine:
         max_new_tokens (counted in stats.hit_max_tokens)."""
         self.stats.requests += len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].context))
-        mine = _my_share(order)
+        mine = _my_share(order) if self.shard else order
         texts: dict[int, str] = {}
         by_settings: dict[tuple, list[int]] = {}
         for i in mine:
@@ -255,18 +270,52 @@ class RequestEngine:
                         texts[i] = text
         finally:
             self.model.train(was_training)
-        texts = _gather(texts)
+        texts = _gather(texts) if self.shard else texts
         return [texts[i] for i in range(len(requests))]
 
 
-def _rows_of(cache, index: torch.Tensor):
-    """A new KV cache holding copies of `cache`'s rows `index` (the shared context's keys and values, once per
-    continuation), at the same length; `cache` itself stays as it is for the next chunk."""
-    view = object.__new__(type(cache))
-    view.keys = [k.index_select(0, index) for k in cache.keys]
-    view.values = [v.index_select(0, index) for v in cache.values]
-    view.max_len, view.length = cache.max_len, cache.length
-    return view
+_LOGIT_CHUNK = 1024
+
+# A prefix shared by fewer tokens than this is run in every row: its own forward call would cost more than it saves.
+MIN_SHARED_PREFIX = 16
+
+
+def _row_length(ctx: tuple[int, ...], requests: list[int], encoded: list, shared: int) -> int:
+    return len(ctx) - shared + sum(len(encoded[i][1]) - 1 for i in requests)
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _families(contexts: list[tuple[int, ...]]) -> list[tuple[int, list[tuple[int, ...]]]]:
+    """The contexts in groups that share a prefix of at least MIN_SHARED_PREFIX tokens (a task's few-shot examples,
+    one MMLU subject's header and dev questions), as (shared length, contexts); every context keeps at least one
+    token of its own (its last position scores the first continuation token). The rest come as one group with
+    nothing shared. The grouping depends only on the contexts, never on the batch size."""
+    ordered = sorted(contexts)  # lexicographic: contexts with a common prefix are neighbours
+    families, loose = [], []
+    i = 0
+    while i < len(ordered):
+        j, shared = i + 1, len(ordered[i]) - 1
+        while j < len(ordered):
+            common = min(_common(ordered[i], ordered[j]), len(ordered[j]) - 1)
+            if common < MIN_SHARED_PREFIX:
+                break
+            shared = min(shared, common)
+            j += 1
+        if j - i > 1:
+            families.append((shared, ordered[i:j]))
+        else:
+            loose.append(ordered[i])
+        i = j
+    if loose:
+        families.append((0, loose))
+    return families
 
 
 def _my_share(items: list) -> list:

@@ -316,7 +316,8 @@ class Transformer(nn.Module):
         tokens: (B, T) ids, or (B, T, dim) hidden states when this module is a pipeline stage without embeddings.
         position_ids: (B, T); default: consecutive positions after what the KV cache already holds.
         doc_ids: (B, T) document index of each packed token (training); attention never crosses documents.
-        attention_mask: (B, cache length + T) with 1 for real tokens and 0 for padding (generation).
+        attention_mask: (B, cache length + T) with 1 for real tokens and 0 for padding (generation); or a
+        (B, 1, T, cache length + T) bool mask, True where a query may attend to a key, used as it is.
         branches: rows of one prefix and two continuations (BranchedRows), instead of doc_ids or attention_mask.
         output_positions: (B, K) the positions whose outputs are wanted: the result is (B, K, ...) and the last
         block's feed-forward runs on those positions only.
@@ -332,6 +333,10 @@ class Transformer(nn.Module):
             if doc_ids is not None or attention_mask is not None or kv_cache is not None:
                 raise ValueError("branched rows take neither doc_ids, attention_mask nor a KV cache")
             mask = branches.masks(T, h.device)
+        elif attention_mask is not None and attention_mask.dim() == 4:
+            if doc_ids is not None:
+                raise ValueError("a full attention mask takes no doc_ids")
+            mask = attention_mask.to(device=h.device, dtype=torch.bool)
         else:
             mask = build_attention_mask(T, past + T, doc_ids=doc_ids, key_padding=attention_mask, device=h.device)
         layers = list(self.layers.values())
