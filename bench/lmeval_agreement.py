@@ -123,10 +123,32 @@ def prepare(work: Path, data: Path, gsm_eval: int, gsm_shots_file_n: int = 8) ->
          dataset_kwargs={"data_files": {"train": str(shots), "test": str(evals)}}, fewshot_split="train",
          test_split="test", fewshot_config={"sampler": "first_n"})
     names["gsm8k"] = ["fl_gsm8k"]
+    # Few-shot draws, chain of thought and chat prompts (FEWSHOT_TASKS, run on fewer documents): ARC-Easy 25-shot
+    # and HellaSwag 10-shot draw their examples from the evaluated file itself, as forgeline does with one file;
+    # the harness then draws one more and drops the document, from one generator seeded with 1234.
+    yaml("fl_arc_easy_25shot", hd / "arc" / "arc_easy.yaml", dataset_path="json", dataset_name=None,
+         dataset_kwargs={"data_files": {"test": str(work / "arc_easy.jsonl")}}, training_split=None,
+         validation_split=None, test_split="test", fewshot_split="test", num_fewshot=25)
+    yaml("fl_hellaswag_10shot", hd / "hellaswag" / "hellaswag.yaml", dataset_path="json", dataset_name=None,
+         dataset_kwargs={"data_files": {"validation": str(hs.path)}}, training_split=None,
+         validation_split="validation", test_split=None, fewshot_split="validation", num_fewshot=10)
+    yaml("fl_gsm8k_cot", hd / "gsm8k" / "gsm8k-cot.yaml", dataset_path="json", dataset_name=None,
+         dataset_kwargs={"data_files": {"test": str(evals)}}, test_split="test")
+    yaml("fl_arc_easy_chat", hd / "arc" / "arc_easy.yaml", dataset_path="json", dataset_name=None,
+         dataset_kwargs={"data_files": {"test": str(work / "arc_easy.jsonl")}}, training_split=None,
+         validation_split=None, test_split="test")
+    for task in FEWSHOT_TASKS:
+        names[task] = [f"fl_{task}"]
     return names
 
 
-def run_harness(hf_dir: Path, task_names: list[str], tasks_dir: Path, limit: int | None, batch_size: int):
+# forgeline's name for each of these, where it differs; arc_easy_chat runs with the chat template on both sides.
+FEWSHOT_TASKS = {"arc_easy_25shot": "arc_easy_25shot", "hellaswag_10shot": "hellaswag_10shot",
+                 "gsm8k_cot": "gsm8k_cot_eval", "arc_easy_chat": "arc_easy_chat"}
+
+
+def run_harness(hf_dir: Path, task_names: list[str], tasks_dir: Path, limit: int | None, batch_size: int,
+                fewshot_limit: int):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -137,11 +159,17 @@ def run_harness(hf_dir: Path, task_names: list[str], tasks_dir: Path, limit: int
     manager = TaskManager(include_path=str(tasks_dir))
     out = {"results": {}, "samples": {}}
     # MMLU's subjects whole, the other tasks cut to `limit` documents, as forgeline runs them
-    for names, task_limit in (([n for n in task_names if not n.startswith("fl_mmlu_")], limit),
-                              ([n for n in task_names if n.startswith("fl_mmlu_")], None)):
+    special = {f"fl_{t}" for t in FEWSHOT_TASKS}
+    for names, task_limit, shots, chat in (
+            ([n for n in task_names if not n.startswith("fl_mmlu_") and n not in special], limit, None, False),
+            ([n for n in task_names if n.startswith("fl_mmlu_")], None, 5, False),  # MMLU: 5-shot
+            (sorted(n for n in special - {"fl_arc_easy_chat"} if n in task_names), fewshot_limit, None, False),
+            ([n for n in task_names if n == "fl_arc_easy_chat"], fewshot_limit, None, True)):
+        if not names:
+            continue
         part = lm_eval.simple_evaluate(model=model, tasks=names, limit=task_limit, log_samples=True,
-                                       task_manager=manager, batch_size=batch_size,
-                                       num_fewshot=5 if task_limit is None else None)  # MMLU: 5-shot
+                                       task_manager=manager, batch_size=batch_size, num_fewshot=shots,
+                                       apply_chat_template=chat)
         out["results"].update(part["results"])
         out["samples"].update(part["samples"])
     return out, loaded - started, time.perf_counter() - loaded
@@ -152,7 +180,9 @@ def register_bench_tasks(work: Path, mmlu_subjects: list[str]) -> dict[str, str]
     gsm8k_shots.jsonl (the harness's first_n sampler), and MMLU on the given subjects; returns the forgeline task
     name for each benchmark whose name differs."""
     from forgeline.eval.tasks import TASKS, get_task
-    from forgeline.eval.tasks.gsm8k import GSM8K
+    from forgeline.eval.tasks.arc import ArcEasy
+    from forgeline.eval.tasks.gsm8k import GSM8K, GSM8KChainOfThought
+    from forgeline.eval.tasks.hellaswag import HellaSwag
     from forgeline.eval.tasks.mmlu import MMLU
 
     get_task("arc_easy")  # fills the registry
@@ -174,11 +204,27 @@ def register_bench_tasks(work: Path, mmlu_subjects: list[str]) -> dict[str, str]
         def __init__(self, path=None, **kw):
             super().__init__(path, subjects=mmlu_subjects, **kw)
 
-    TASKS["gsm8k_first_n"], TASKS["mmlu_subset"] = GSM8KFirstN, MMLUSubset
-    return {"gsm8k": "gsm8k_first_n", "mmlu": "mmlu_subset"}
+    class ArcEasy25(ArcEasy):
+        name, num_fewshot = "arc_easy_25shot", 25
+
+    class HellaSwag10(HellaSwag):
+        name, num_fewshot = "hellaswag_10shot", 10
+
+    class ArcEasyChat(ArcEasy):
+        name = "arc_easy_chat"
+
+    class GSM8KCoTEval(GSM8KChainOfThought):
+        name = "gsm8k_cot_eval"
+
+        def __init__(self, path=None, **kw):
+            super().__init__(work / "gsm8k_eval.jsonl", **kw)
+
+    for task in (GSM8KFirstN, MMLUSubset, ArcEasy25, HellaSwag10, ArcEasyChat, GSM8KCoTEval):
+        TASKS[task.name] = task
+    return {"gsm8k": "gsm8k_first_n", "mmlu": "mmlu_subset", **FEWSHOT_TASKS}
 
 
-def run_forgeline(hf_dir: Path, work: Path, limit: int | None, batch_size: int):
+def run_forgeline(hf_dir: Path, work: Path, limit: int | None, batch_size: int, fewshot_limit: int):
     from forgeline.eval.engine import RequestEngine
     from forgeline.eval.run import evaluate
     from forgeline.recipes.adapted import load_for_generation
@@ -191,6 +237,10 @@ def run_forgeline(hf_dir: Path, work: Path, limit: int | None, batch_size: int):
     tasks = ["arc_easy", "arc_challenge", "hellaswag", "truthfulqa_mc1", "truthfulqa_mc2", "gsm8k_first_n"]
     results = evaluate(engine, tasks, limit=limit, log_path=work / "forgeline_samples.jsonl", report=None)
     results += evaluate(engine, ["mmlu_subset"], log_path=work / "forgeline_mmlu_samples.jsonl", report=None)
+    results += evaluate(engine, ["arc_easy_25shot", "hellaswag_10shot", "gsm8k_cot_eval"], limit=fewshot_limit,
+                        log_path=work / "forgeline_fewshot_samples.jsonl", report=None)
+    results += evaluate(engine, ["arc_easy_chat"], limit=fewshot_limit, chat_template=True,
+                        log_path=work / "forgeline_chat_samples.jsonl", report=None)
     return results, ready - started, time.perf_counter() - ready
 
 
@@ -198,6 +248,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--limit", type=int, default=100, help="documents per task (MMLU: all of the subjects' val)")
     p.add_argument("--gsm8k", type=int, default=10, help="GSM8K problems (greedy, up to 256 tokens each)")
+    p.add_argument("--fewshot-limit", type=int, default=20,
+                   help="documents of ARC-Easy 25-shot, HellaSwag 10-shot, GSM8K chain of thought and ARC-Easy "
+                        "through the chat template")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=str(_HERE / "results" / "lmeval_agreement.json"))
     args = p.parse_args(argv)
@@ -213,10 +266,12 @@ def main(argv=None) -> int:
         hf_dir = bench_sft.make_smollm2(work)
         names = prepare(work, data, args.gsm8k)
         harness_tasks = [n for group in names.values() for n in group]
-        h_out, h_load, h_wall = run_harness(hf_dir, harness_tasks, work / "tasks", args.limit, args.batch_size)
-        f_results, f_load, f_wall = run_forgeline(hf_dir, work, args.limit, args.batch_size)
+        h_out, h_load, h_wall = run_harness(hf_dir, harness_tasks, work / "tasks", args.limit, args.batch_size,
+                                            args.fewshot_limit)
+        f_results, f_load, f_wall = run_forgeline(hf_dir, work, args.limit, args.batch_size, args.fewshot_limit)
         ours = {}
-        for path in (work / "forgeline_samples.jsonl", work / "forgeline_mmlu_samples.jsonl"):
+        for path in (work / "forgeline_samples.jsonl", work / "forgeline_mmlu_samples.jsonl",
+                     work / "forgeline_fewshot_samples.jsonl", work / "forgeline_chat_samples.jsonl"):
             for line in path.read_text().splitlines():
                 r = json.loads(line)
                 ours.setdefault(r["task"], []).append(r)
@@ -231,7 +286,7 @@ def main(argv=None) -> int:
 
 def compare(names, h_out, ours, f_results):
     f_by_task = {r.task: r for r in f_results}
-    rename = {"gsm8k": "gsm8k_first_n", "mmlu": "mmlu_subset"}
+    rename = {"gsm8k": "gsm8k_first_n", "mmlu": "mmlu_subset", **FEWSHOT_TASKS}
     rows = []
     for task, harness_names in names.items():
         ftask = rename.get(task, task)
@@ -242,8 +297,9 @@ def compare(names, h_out, ours, f_results):
             for sample in h_out["samples"][hn]:
                 by_doc.setdefault(sample["doc_id"], sample)
             theirs += [by_doc[k] for k in sorted(by_doc)]
-        row = {"task": task, "n": len(mine)}
-        if task == "gsm8k":
+        row = {"task": task, "n": len(mine),
+               "same_prompt": sum(a["prompt"] == b["arguments"][0][0] for a, b in zip(mine, theirs))}
+        if task in ("gsm8k", "gsm8k_cot"):
             same_text = sum(a["generated"] == b["resps"][0][0] for a, b in zip(mine, theirs))
             f_metrics = f_by_task[ftask].metrics
             h = h_out["results"][harness_names[0]]
@@ -252,7 +308,8 @@ def compare(names, h_out, ours, f_results):
                        harness_strict=float(h["exact_match,strict-match"]),
                        forgeline_flexible=f_metrics["exact_match_flexible"]["mean"],
                        harness_flexible=float(h["exact_match,flexible-extract"]))
-            row["agree"] = bool(abs(row["forgeline_strict"] - row["harness_strict"]) <= 0.005
+            row["agree"] = bool(row["same_prompt"] == row["n"]
+                                and abs(row["forgeline_strict"] - row["harness_strict"]) <= 0.005
                                 and abs(row["forgeline_flexible"] - row["harness_flexible"]) <= 0.005)
             row["texts"] = [{"forgeline": a["generated"], "harness": b["resps"][0][0], "forgeline_prompt": a["prompt"],
                              "harness_prompt": b["arguments"][0][0] if "arguments" in b else None,
@@ -277,27 +334,30 @@ def compare(names, h_out, ours, f_results):
         row.update(requests=len(diffs), max_abs_ll_diff=float(max(diffs)) if diffs else None,
                    within_1e3=sum(d <= 1e-3 for d in diffs), same_decision=decisions,
                    forgeline_acc=float(f_score), harness_acc=float(h_score))
-        if task in ("arc_easy", "arc_challenge", "hellaswag"):
+        if task.startswith(("arc_", "hellaswag")):
             row["forgeline_acc_norm"] = f_by_task[ftask].metrics["acc_norm"]["mean"]
             row["harness_acc_norm"] = h_out["results"][harness_names[0]]["acc_norm,none"]
-        row["agree"] = bool(row["within_1e3"] == row["requests"] and abs(f_score - h_score) <= 0.005)
+        row["agree"] = bool(row["within_1e3"] == row["requests"] and abs(f_score - h_score) <= 0.005
+                            and row["same_prompt"] == row["n"])
         rows.append(row)
     return rows
 
 
 def markdown(rows) -> str:
-    out = ["| task | n | requests | max abs log-lik diff | within 1e-3 | same decision | forgeline | harness | "
-           "agree |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = ["| task | n | same prompt | requests | max abs log-lik diff | within 1e-3 | same decision | forgeline | "
+           "harness | agree |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        if r["task"] == "gsm8k":
-            out.append(f"| gsm8k (strict / flexible) | {r['n']} | - | - | same text {r['same_text']}/{r['n']} | - | "
+        if r["task"] in ("gsm8k", "gsm8k_cot"):
+            out.append(f"| {r['task']} (strict / flexible) | {r['n']} | {r['same_prompt']} | - | - | "
+                       f"same text {r['same_text']}/{r['n']} | - | "
                        f"{r['forgeline_strict']:.3f} / {r['forgeline_flexible']:.3f} | "
                        f"{r['harness_strict']:.3f} / {r['harness_flexible']:.3f} | {'yes' if r['agree'] else 'NO'} |")
             continue
         extra = ""
         if "forgeline_acc_norm" in r:
             extra = f" (norm {r['forgeline_acc_norm']:.3f} / {r['harness_acc_norm']:.3f})"
-        out.append(f"| {r['task']} | {r['n']} | {r['requests']} | {r['max_abs_ll_diff']:.2e} | {r['within_1e3']} | "
+        out.append(f"| {r['task']} | {r['n']} | {r['same_prompt']} | {r['requests']} | {r['max_abs_ll_diff']:.2e} | "
+                   f"{r['within_1e3']} | "
                    f"{r['same_decision']}/{r['n']} | {r['forgeline_acc']:.4f}{extra} | {r['harness_acc']:.4f} | "
                    f"{'yes' if r['agree'] else 'NO'} |")
     return "\n".join(out)

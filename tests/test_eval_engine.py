@@ -103,6 +103,25 @@ def test_one_token_continuations_take_one_pass(model, tok):
         assert r.logprob == pytest.approx(lp, abs=1e-5)
 
 
+def test_a_prefix_shared_by_many_contexts_runs_once(model, tok, monkeypatch):
+    from forgeline.eval import engine as engine_module
+
+    shots = "".join(f"example {i}: the quick brown fox jumps over the lazy dog\n" for i in range(4))
+    requests = [(shots + f"question {q}:", c) for q in range(6) for c in (" yes", " no way", " maybe so")]
+    engine = RequestEngine(model, tok, batch_size=4)
+    results = engine.loglikelihood(requests)
+    for (context, continuation), r in zip(requests, results):
+        lp, greedy = reference_loglikelihood(model, *engine.encode_pair(context, continuation))
+        assert r.logprob == pytest.approx(lp, abs=1e-5) and r.is_greedy == greedy
+    prefix = len(engine.encode(shots + "question "))
+    monkeypatch.setattr(engine_module, "MIN_SHARED_PREFIX", 10**6)  # nothing counts as shared
+    unshared = RequestEngine(model, tok, batch_size=4)
+    for a, b in zip(unshared.loglikelihood(requests), results):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+    # the shared tokens ran once, not six times
+    assert engine.stats.forward_tokens <= unshared.stats.forward_tokens - 5 * prefix + prefix // 10
+
+
 def test_long_contexts_are_cut_from_the_left_and_counted(model, tok):
     engine = RequestEngine(model, tok, max_length=32)
     long = "the quick brown fox " * 40
@@ -150,7 +169,48 @@ def test_task_prompts_are_the_harness_prompts(shared_data):
     gdocs = gsm.docs()[:50]
     gp = gsm.prompt(gdocs[0], gdocs)
     assert gp.count("Question: ") == 3 and gp.endswith(f"Question: {gdocs[0].fields['question']}\nAnswer:")
+    gsm.start_fewshot_draw()
     assert gsm.prompt(gdocs[0], gdocs) == gp  # seeded few-shot draw
+
+
+def test_fewshot_draw_is_the_harness_draw(shared_data):
+    """One generator per task seeded once, drawn from in document order; from the evaluated documents themselves
+    one example more is drawn and the document dropped (lm-evaluation-harness's ContextSampler)."""
+    import random
+
+    arc = get_task("arc_easy", num_fewshot=3, seed=7)
+    docs = arc.docs()
+    prompts = [arc.prompt(d, docs) for d in docs[:6]]
+    rng = random.Random(7)
+    for doc, prompt in zip(docs[:6], prompts):
+        shots = [d for d in rng.sample(docs, 4) if d is not doc][:3]
+        assert doc not in shots
+        assert prompt == "".join(f"Question: {d.fields['question']}\nAnswer: {d.choices[d.gold]}\n\n"
+                                 for d in shots) + f"Question: {doc.fields['question']}\nAnswer:"
+    arc.start_fewshot_draw()
+    assert [arc.prompt(d, docs) for d in docs[:6]] == prompts  # the same seed, the same prompts
+    other_pool = docs[100:140]  # a pool that is not the evaluated split: exactly n drawn
+    arc.start_fewshot_draw()
+    rng = random.Random(7)
+    assert arc.fewshot(docs[0], other_pool) == rng.sample(other_pool, 3)
+    with pytest.raises(ConfigError, match="3 few-shot examples asked for, 2 available"):
+        arc.fewshot(docs[0], docs[:3])
+
+
+def test_gsm8k_chain_of_thought_prompt_and_extraction(shared_data):
+    cot = get_task("gsm8k_cot")
+    docs = cot.docs()[:3]
+    prompt = cot.prompt(docs[0], docs)
+    assert prompt.startswith("Q: There are 15 trees in the grove.") and prompt.count("\nA: ") == 8
+    assert "The answer is 6.\n\nQ: If there are 3 cars" in prompt
+    assert prompt.endswith(f"\n\nQ: {docs[0].fields['question']}\nA:") and cot.until[0] == "Q:"
+    doc = Doc(id="x", fields={"question": "q", "answer": "so 3 + 4 = 7\n#### 1,007"})
+    assert cot.score(doc, " 3 + 4 = 7. The answer is 1,007.\n\n") == {"exact_match_strict": 1.0,
+                                                                         "exact_match_flexible": 1.0}
+    assert cot.score(doc, " #### 1007") == {"exact_match_strict": 0.0, "exact_match_flexible": 1.0}
+    assert get_task("gsm8k_cot", num_fewshot=2).prompt(docs[0], docs).count("\nA: ") == 2
+    with pytest.raises(DataError, match="8 worked examples; 9 asked for"):
+        get_task("gsm8k_cot", num_fewshot=9)
 
 
 def test_gsm8k_answer_extraction_and_scoring(shared_data):
@@ -183,6 +243,29 @@ def test_evaluate_writes_reports_and_a_sample_log(model, tok, shared_data, tmp_p
     json_path, md_path = write_report(results, tmp_path / "out", model="tiny", settings={}, engine_stats={})
     assert json.loads(json_path.read_text())["results"][0]["task"] == "arc_easy"
     assert "| arc_easy |" in md_path.read_text() and "mmlu by category" in md_path.read_text()
+
+
+def test_chat_template_prompts_are_turns_and_answers_follow_the_assistant_header(model, tok, shared_data, tmp_path):
+    mmlu = get_task("mmlu", subjects=["anatomy"], num_fewshot=2)
+    docs = mmlu.docs()
+    prompt = mmlu.chat_prompt(docs[0], docs, tok)
+    dev = mmlu._dev["anatomy"]
+    assert prompt == tok.apply_chat_template(
+        [{"role": "system", "content": mmlu.describe(docs[0])},
+         {"role": "user", "content": mmlu.text(dev[0])}, {"role": "assistant", "content": mmlu.target(dev[0])},
+         {"role": "user", "content": mmlu.text(dev[1])}, {"role": "assistant", "content": mmlu.target(dev[1])},
+         {"role": "user", "content": mmlu.text(docs[0])}], add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>system\nThe following are") and prompt.endswith("<|im_start|>assistant\n")
+    engine = RequestEngine(model, tok)
+    evaluate(engine, ["arc_easy"], limit=3, chat_template=True, log_path=tmp_path / "chat.jsonl", report=None)
+    record = json.loads((tmp_path / "chat.jsonl").read_text().splitlines()[0])
+    assert record["prompt"].endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+    again = engine.loglikelihood([(record["prompt"], record["choices"][0])])[0]  # no delimiter before the answer
+    assert again.logprob == pytest.approx(record["loglikelihoods"][0], abs=1e-5)
+    plain = make_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(ConfigError, match="no chat template"):
+        evaluate(RequestEngine(model, plain), ["arc_easy"], limit=1, chat_template=True, report=None)
 
 
 def test_stratified_sample_covers_every_group():

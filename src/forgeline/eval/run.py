@@ -88,9 +88,12 @@ def _summary(values: list[float], total: int) -> dict[str, float]:
 def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str, str] | None = None,
              num_fewshot: int | None = None, limit: int | None = None, sample: int | None = None,
              seed: int = 1234, log_path: str | Path | None = None, task_options: dict[str, dict] | None = None,
-             report=print) -> list[TaskResult]:
+             chat_template: bool = False, report=print) -> list[TaskResult]:
     """Run each task; per-document records to `log_path` (JSONL). task_options: extra constructor arguments per
-    task (HumanEval's samples, temperature, top_p)."""
+    task (HumanEval's samples, temperature, top_p). chat_template: prompts through the model's chat template (the
+    harness's --apply_chat_template), answers right after the assistant's header."""
+    if chat_template and getattr(engine.tokenizer, "chat_template", None) is None:
+        raise ConfigError("--chat-template: the model's tokenizer has no chat template")
     data, task_options = data or {}, task_options or {}
     tasks: list[Task] = [get_task(name, path=data.get(name), num_fewshot=num_fewshot, seed=seed,
                                   **task_options.get(name, {})) for name in task_names]
@@ -104,10 +107,13 @@ def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str
                 raise ConfigError(f"{task.name}: {task.path} holds no documents")
             pool = task.fewshot_pool(docs)
             chosen = select_docs(docs, limit=limit, sample=sample, seed=seed)
-            prompts = [task.prompt(doc, pool) for doc in chosen]
+            task.start_fewshot_draw()
+            prompts = [task.chat_prompt(doc, pool, engine.tokenizer) if chat_template else task.prompt(doc, pool)
+                       for doc in chosen]
             records: list[dict[str, float]] = []
             if isinstance(task, MultipleChoiceTask):
-                requests = [(prompt, task.target_delimiter + choice)
+                delimiter = "" if chat_template else task.target_delimiter
+                requests = [(prompt, delimiter + choice)
                             for prompt, doc in zip(prompts, chosen) for choice in doc.choices]
                 scored = iter(engine.loglikelihood(requests))
                 for prompt, doc in zip(prompts, chosen):

@@ -13,7 +13,7 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="forgeline model dir, Hugging Face dir, .gguf file, checkpoint, "
                                                   "run dir or adapter dir")
     p.add_argument("--tasks", required=True, help="comma-separated: arc_easy, arc_challenge, hellaswag, mmlu, gsm8k, "
-                                                  "humaneval, truthfulqa_mc1, truthfulqa_mc2")
+                                                  "gsm8k_cot, humaneval, truthfulqa_mc1, truthfulqa_mc2")
     p.add_argument("--base", default=None, help="the base model of an adapter dir (default: the one it records)")
     p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
                    help="the benchmark's files for a task (default: ../shared/data's copy); repeatable")
@@ -27,6 +27,8 @@ def register(sub) -> None:
                    help="humaneval: completions per problem (> 1: sampled, pass@k for k in 1, 10, 100 up to it)")
     p.add_argument("--temperature", type=float, default=0.0, help="humaneval: sampling temperature (default 0: greedy)")
     p.add_argument("--top-p", type=float, default=None, help="humaneval: nucleus sampling")
+    p.add_argument("--chat-template", action="store_true",
+                   help="prompts through the model's chat template, few-shot examples as turns (a chat model)")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--out", default=None, help="report directory (default: eval-<model name>)")
     p.add_argument("--train-data", nargs="+", default=None, metavar="PATH",
@@ -91,7 +93,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     options = {"humaneval": {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p}}
     results = evaluate(engine, tasks, data=data, num_fewshot=args.num_fewshot, limit=args.limit, sample=args.sample,
-                       seed=args.seed, log_path=out / "samples.jsonl", task_options=options, report=print)
+                       seed=args.seed, log_path=out / "samples.jsonl", task_options=options,
+                       chat_template=args.chat_template, report=print)
     train_data = [] if args.no_decontam else (args.train_data or training_data_of(args.model))
     if train_data:
         print(f"contamination check against {', '.join(str(p) for p in train_data)}")
@@ -104,7 +107,7 @@ def run(args) -> int:
     if stats.hit_max_tokens:
         print(f"{stats.hit_max_tokens} generation(s) stopped at their token limit, not at a stop string")
     settings = {"tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit, "sample": args.sample,
-                "seed": args.seed, "dtype": args.dtype, "data": data,
+                "seed": args.seed, "dtype": args.dtype, "data": data, "chat_template": args.chat_template,
                 "contamination_checked_against": [str(p) for p in train_data]}
     json_path, md_path = write_report(results, out, model=str(args.model), settings=settings,
                                       engine_stats={"requests": stats.requests, "contexts": stats.contexts,

@@ -66,6 +66,7 @@ class Task(ABC):
             raise ConfigError(f"{self.name}: {self.path} does not exist (pass the benchmark's files with --data)")
         self.num_fewshot = self.num_fewshot if num_fewshot is None else num_fewshot
         self.seed = seed
+        self.start_fewshot_draw()
 
     # -- to implement ----------------------------------------------------------------------------------------------
 
@@ -106,16 +107,49 @@ class Task(ABC):
                            for d in shots)
         return self.describe(doc) + examples + self.text(doc)
 
+    def start_fewshot_draw(self) -> None:
+        """Restart the seeded draw of few-shot examples (evaluate() does, before a task's first prompt)."""
+        self._draw = random.Random(self.seed)
+
+    def chat_prompt(self, doc: Doc, pool: list[Doc], tokenizer) -> str:
+        """The prompt through the model's chat template, as the harness builds it with --apply_chat_template (and
+        its default --fewshot_as_multiturn): the description as the system message, each few-shot example a user
+        turn and an assistant turn, the document a last user turn, then the assistant's header. A template that
+        refuses a system message gets none (the harness's fallback)."""
+        from ...errors import ForgelineError
+
+        messages = [{"role": "system", "content": self.describe(doc)}] if self.describe(doc) else []
+        for shot in self.fewshot(doc, pool):
+            messages += [{"role": "user", "content": self.text(shot)},
+                         {"role": "assistant", "content": self.target(shot)}]
+        messages.append({"role": "user", "content": self.text(doc)})
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ForgelineError:
+            if messages[0]["role"] != "system":
+                raise
+            return tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True)
+
     def fewshot(self, doc: Doc, pool: list[Doc]) -> list[Doc]:
-        if self.num_fewshot == 0:
+        """The examples for `doc`, drawn as lm-evaluation-harness draws them, so that the same seed gives the same
+        prompts: one generator per task, seeded once and drawn from in the order the documents are evaluated; from
+        the evaluated documents themselves it draws one more than needed and drops `doc` (never its own example)."""
+        n = self.num_fewshot
+        if n == 0:
             return []
-        # the document itself is never its own example (the harness's rule when the pool is the evaluated split);
-        # compared by content, since a pool from another file has its own ids
-        candidates = [d for d in self.group_pool(doc, pool) if d is not doc and d.fields != doc.fields]
+        candidates = self.group_pool(doc, pool)
+        own_split = any(d is doc for d in candidates)
         if self.fewshot_sampler == "first_n":
-            return candidates[:self.num_fewshot]
-        rng = random.Random(f"{self.seed}:{self.name}:{doc.id}")
-        return rng.sample(candidates, min(self.num_fewshot, len(candidates)))
+            return [d for d in candidates if d is not doc][:n]
+        if len(candidates) - own_split < n:
+            raise ConfigError(f"{self.name}: {n} few-shot examples asked for, {len(candidates) - own_split} "
+                              "available")
+        if not own_split:
+            return self._draw.sample(candidates, n)
+        shots = [d for d in self._draw.sample(candidates, n + 1) if d is not doc and d != doc][:n]
+        if len(shots) < n:  # copies of `doc` in the pool were drawn too: draw again without any of them
+            shots = self._draw.sample([d for d in candidates if d is not doc and d != doc], n)
+        return shots
 
     def group_pool(self, doc: Doc, pool: list[Doc]) -> list[Doc]:
         return pool
@@ -171,14 +205,14 @@ def _argmax(values: Sequence[float]) -> int:
 
 def _registry() -> dict[str, type[Task]]:
     from .arc import ArcChallenge, ArcEasy
-    from .gsm8k import GSM8K
+    from .gsm8k import GSM8K, GSM8KChainOfThought
     from .hellaswag import HellaSwag
     from .humaneval import HumanEval
     from .mmlu import MMLU
     from .truthfulqa import TruthfulQAMC1, TruthfulQAMC2
 
-    return {t.name: t for t in (ArcEasy, ArcChallenge, HellaSwag, MMLU, GSM8K, HumanEval, TruthfulQAMC1,
-                                TruthfulQAMC2)}
+    return {t.name: t for t in (ArcEasy, ArcChallenge, HellaSwag, MMLU, GSM8K, GSM8KChainOfThought, HumanEval,
+                                TruthfulQAMC1, TruthfulQAMC2)}
 
 
 TASKS: dict[str, type[Task]] = {}

@@ -3,7 +3,9 @@ few-shot examples, greedy generation until "Question:" (or the end of a turn), t
 after the harness's normalisation:
 * strict-match: the number after "#### " (the dataset's answer format);
 * flexible-extract: the last number in the text.
-`gsm8k_cot` is the 8-shot chain-of-thought variant of Wei et al. ("Q: ... A: ... The answer is N.")."""
+`gsm8k_cot` is the 8-shot chain-of-thought variant: "Q: {question}\nA:" after the eight worked examples of Wei et
+al. 2022 (data/gsm8k_cot_exemplars.jsonl, always the same eight in the same order), greedy until "Q:"; strict-match
+reads the number in "The answer is N.", flexible-extract the last number."""
 
 from __future__ import annotations
 
@@ -75,3 +77,31 @@ class GSM8K(GenerationTask):
         got = self.extract(text)
         return {"exact_match_strict": float(got["strict"] is not None and normalise(got["strict"]) == gold),
                 "exact_match_flexible": float(got["flexible"] is not None and normalise(got["flexible"]) == gold)}
+
+
+class GSM8KChainOfThought(GSM8K):
+    name = "gsm8k_cot"
+    version = 1
+    num_fewshot = 8
+    fewshot_sampler = "first_n"
+    until = ("Q:", "</s>", "<|im_end|>")
+
+    def __init__(self, path=None, **kwargs):
+        super().__init__(path, **kwargs)
+        exemplars = Path(__file__).with_name("data") / "gsm8k_cot_exemplars.jsonl"
+        self.exemplars = [Doc(id=f"exemplar-{line}", fields={"question": field(r, "question", str, exemplars, line),
+                                                              "answer": field(r, "answer", str, exemplars, line)})
+                          for line, r in jsonl_records(exemplars)]
+        if self.num_fewshot > len(self.exemplars):
+            raise DataError(f"gsm8k_cot has {len(self.exemplars)} worked examples; {self.num_fewshot} asked for",
+                            exemplars, None)
+
+    def group_pool(self, doc: Doc, pool: list[Doc]) -> list[Doc]:
+        return self.exemplars
+
+    def text(self, doc: Doc) -> str:
+        return f"Q: {doc.fields['question']}\nA:"
+
+    def extract(self, text: str) -> dict[str, str | None]:
+        match = COT_ANSWER.search(text)
+        return {"strict": match.group(1) if match else None, "flexible": flexible_answer(text)}
