@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .model.config import ModelConfig
@@ -113,6 +113,8 @@ class StabilityConfig(Strict):
         None, ge=0, description="batches skipped after a rollback; None: those since the checkpoint through the spike"
     )
     grad_norm_alert: float = Field(10.0, gt=0)
+    signal: str = Field("loss", description="what the spike test watches: loss, grad_norm, or a metric the stage "
+                                            "logs (kl, ...); it must be positive where it is meaningful")
 
 
 class MonitorConfig(Strict):
@@ -198,6 +200,38 @@ class ParallelConfig(Strict):
         return self.pp_stages_per_rank or (2 if self.pp_schedule == "interleaved_1f1b" else 1)
 
 
+class BenchmarkEvalConfig(Strict):
+    """Benchmarks (`forgeline eval`'s tasks) scored on the model being trained, every `every` optimizer steps and at
+    the last step; logged as eval/TASK/METRIC beside the training metrics (docs/eval.md). The task names and their
+    files are checked when the stage starts, before any step."""
+
+    tasks: list[str] = Field(default_factory=list, description="benchmark tasks (arc_easy, hellaswag, mmlu, gsm8k, "
+                                                               "...); empty: none")
+    every: int = Field(1000, gt=0, description="run them every N optimizer steps (and at the last step)")
+    limit: int | None = Field(None, gt=0, description="only the first N documents of each task")
+    sample: int | None = Field(None, gt=0, description="a stratified random sample of N documents per task, the "
+                                                       "same ones every time (seed)")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples; None: each task's own")
+    data: dict[str, Path] = Field(default_factory=dict, description="a task's files, e.g. {arc_easy: "
+                                                                    "ARC-Easy-Dev.jsonl}; default: ../shared/data's")
+    batch_size: int = Field(16, gt=0, description="contexts per forward batch")
+    seed: int = Field(1234, description="few-shot and sample draws")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchmarkEvalConfig":
+        if self.limit is not None and self.sample is not None:
+            raise ValueError("set eval.limit or eval.sample, not both")
+        repeated = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+        if repeated:
+            raise ValueError(f"eval.tasks lists {', '.join(repeated)} more than once")
+        # a key that names no listed task is most likely a misspelt one, whose task would then read the default file
+        stray = sorted(set(self.data) - set(self.tasks))
+        if self.tasks and stray:
+            raise ValueError(f"eval.data has {', '.join(stray)}, which eval.tasks does not list "
+                             f"({', '.join(self.tasks)})")
+        return self
+
+
 PEFT_METHODS = ("lora", "dora", "qlora", "adapter")
 BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # group words a user may write in peft.target_modules, besides single names (forgeline's or Hugging Face's)
@@ -255,6 +289,7 @@ class StageConfig(Strict):
     monitor: MonitorConfig = MonitorConfig()
     parallel: ParallelConfig = ParallelConfig()
     peft: PeftConfig | None = Field(None, description="adapters on a frozen base; None: every weight trains")
+    eval: BenchmarkEvalConfig = BenchmarkEvalConfig()
 
     def seq_len(self) -> int:
         """The longest sequence a micro-batch holds (memory planning, the layout's checks); stages with data say
@@ -431,9 +466,22 @@ class PreferenceStageConfig(StageConfig):
         return self.data.max_length
 
 
+class RewardEvalConfig(BenchmarkEvalConfig):
+    """A reward model's `eval:`, which can list no task (its own section, so that the error names eval.tasks)."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _no_tasks(cls, value: list[str]) -> list[str]:
+        if value:
+            raise ValueError("a reward model has a scalar head, not the LM head benchmarks are scored with; "
+                             "benchmark the policy instead (eval.tasks in sft, dpo, orpo or kto, or forgeline eval)")
+        return value
+
+
 class RewardConfig(PreferenceStageConfig):
     run_dir: Path = Path("runs/rm")
     reward: RewardSettings = RewardSettings()
+    eval: RewardEvalConfig = RewardEvalConfig()
     stage: ClassVar[str] = "rm"
 
 
@@ -453,6 +501,109 @@ class KTOConfig(PreferenceStageConfig):
     run_dir: Path = Path("runs/kto")
     kto: KTOSettings = KTOSettings()
     stage: ClassVar[str] = "kto"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online RL: GRPO and RLOO on rollouts of the policy being trained
+# ---------------------------------------------------------------------------------------------------------------
+
+# TRL's rate for full training (adapters start at zero and take a larger one), a constant schedule, and the spike
+# rollback watching the gradient norm (an RL loss is no positive quantity to compare with its mean) with a
+# factor that a healthy run's step-to-step spread does not reach.
+RL_TRAIN_DEFAULTS: dict[str, Any] = dict(max_steps=100, warmup_steps=0, schedule="constant", weight_decay=0.0,
+                                         betas=(0.9, 0.999), micro_batch_size=8)
+RL_LR = (1e-6, 1e-5)  # full, peft
+RL_STABILITY_DEFAULTS: dict[str, Any] = dict(signal="grad_norm", spike_factor=5.0)
+
+
+class PromptDataConfig(Strict):
+    train: list[Path] = Field(min_length=1, description="JSONL, JSON or Parquet prompt records (or directories, "
+                                                        "globs)")
+    prompt_format: str = Field("{prompt}", description="the prompt text from a record's fields, e.g. "
+                                                      "'Question: {question}\\nAnswer:'")
+    template: str = Field("none", description="none: the text as it is; auto, model, chatml, llama3: rendered as a "
+                                              "user turn of that chat template, the assistant's header after it")
+    max_prompt_length: int | None = Field(512, gt=0, description="prompt tokens kept (from the end)")
+    shuffle: bool = True
+
+
+class RewardSpec(Strict):
+    name: str = Field(description="a built-in reward (arithmetic, gsm8k, gsm8k_format, unit_tests) or "
+                                  "module:function / path/to/file.py:function")
+    weight: float = 1.0
+
+
+class RolloutConfig(Strict):
+    prompts_per_step: int = Field(8, gt=0, description="prompts per optimizer step over all data-parallel ranks")
+    samples_per_prompt: int = Field(8, ge=2, description="completions sampled per prompt (the group)")
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, gt=0)
+    stop: list[str] = Field(default_factory=list, description="stop strings besides the end-of-text token")
+    ignore_eos: bool = Field(False, description="always generate max_new_tokens (benchmarks)")
+    epochs: int = Field(1, ge=1, description="optimizer steps on each batch of rollouts (PPO's epochs, GRPO's mu)")
+
+
+class PolicyGradientSettings(Strict):
+    epsilon: float = Field(0.2, gt=0, lt=1, description="the ratio is clipped to [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = Field(None, gt=0, description="None: epsilon")
+    reference_model: Path | None = Field(None, description="the KL reference; None: init (with peft, the base "
+                                                           "with adapters off)")
+
+
+class GRPOSettings(PolicyGradientSettings):
+    beta: float = Field(0.0, ge=0, description="per-token KL penalty to the reference in the loss; 0: no reference")
+    loss_averaging: Literal["token", "sequence"] = Field(
+        "token", description="token: over every completion token of the step (DAPO); sequence: per completion, "
+                             "then over completions (the GRPO paper)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO)")
+
+
+class RLOOSettings(PolicyGradientSettings):
+    beta: float = Field(0.05, ge=0, description="beta x the completion's summed log-ratio to the reference is "
+                                                "taken off its reward")
+    normalize_advantages: bool = False
+
+
+class OnlineRLStageConfig(StageConfig):
+    stage: ClassVar[str]
+    data: PromptDataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: list[RewardSpec] = Field(min_length=1, description="summed with their weights")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rl_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            train = data.get("train")
+            if train is None or isinstance(train, dict):
+                lr = RL_LR[1] if data.get("peft") else RL_LR[0]
+                data["train"] = {**RL_TRAIN_DEFAULTS, "lr": lr, **(train or {})}
+            stability = data.get("stability")
+            if stability is None or isinstance(stability, dict):
+                data["stability"] = {**RL_STABILITY_DEFAULTS, **(stability or {})}
+            rewards = data.get("rewards")
+            if isinstance(rewards, list):  # a bare name is a reward of weight 1
+                data["rewards"] = [{"name": r} if isinstance(r, str) else r for r in rewards]
+        return data
+
+    def seq_len(self) -> int:
+        return (self.data.max_prompt_length or self.model.max_seq_len) + self.rollout.max_new_tokens
+
+
+class GRPOConfig(OnlineRLStageConfig):
+    run_dir: Path = Path("runs/grpo")
+    grpo: GRPOSettings = GRPOSettings()
+    stage: ClassVar[str] = "grpo"
+
+
+class RLOOConfig(OnlineRLStageConfig):
+    run_dir: Path = Path("runs/rloo")
+    rloo: RLOOSettings = RLOOSettings()
+    stage: ClassVar[str] = "rloo"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from ..train.cpu_allocator import keep_large_blocks
 from ..train.distributed import DistInfo, barrier, init_distributed, shutdown, unwrap
 from ..train.executor import StepExecutor
 from ..train.trainer import Trainer, TrainResult
+from .benchmarks import benchmark_evals, check_benchmark_config
 
 T = TypeVar("T")
 
@@ -82,6 +83,7 @@ def check_parallel_config(cfg: StageConfig, world_size: int, *, pipeline_ok: boo
         raise ConfigError(f"parallel.pp={layout.pp}: pipeline parallelism runs fixed-shape pre-training batches "
                           f"only, not {stage}'s variable-length ones; use FSDP2 (parallel.dp_shard=-1) and/or "
                           "tensor parallelism (parallel.tp) instead")
+    check_benchmark_config(cfg, layout)
     return layout
 
 
@@ -311,8 +313,10 @@ class Run:
     def trainer(self, *, loss_fn, loader, train_cfg: TrainConfig, grad_accum: int, flops_per_token: float | None,
                 eval_fn=None, sample_fn=None) -> Trainer:
         """The loop on the placed model; `train_cfg` has its step counts resolved (resolve_schedule), and the fully
-        resolved config is what run_dir/config.yaml and every checkpoint record."""
+        resolved config is what run_dir/config.yaml and every checkpoint record. `eval_fn` is the held-out loss
+        (every monitor.val_every steps); the benchmarks of `eval:` run on their own cadence (recipes/benchmarks.py)."""
         self.cfg = self.cfg.model_copy(update={"train": train_cfg})
+        benchmarks = benchmark_evals(self)
         config_yaml = dump_config(self.cfg)
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml", config_yaml)
@@ -321,6 +325,7 @@ class Run:
             stability=self.cfg.stability, monitor=self.cfg.monitor, run_dir=self.run_dir,
             config_yaml=config_yaml, dist=self.dist,
             grad_accum_steps=grad_accum, flops_per_token=flops_per_token, eval_fn=eval_fn,
+            periodic_evals=benchmarks,
             sample_fn=sample_fn if self.whole_model else None, executor=self.executor,
             checkpointer=self.checkpointer, optimizer=self.optimizer,
         )

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -42,6 +42,22 @@ SCHEDULE_FIELDS = ("lr", "schedule", "warmup_steps", "warmup_ratio", "max_steps"
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
 
+@dataclass(frozen=True)
+class PeriodicEval:
+    """An evaluation on its own cadence: `fn` runs every `every` optimizer steps and at the last step, on every rank
+    (it may be collective), and its metrics are logged at that step. `describe` turns them into the line printed
+    then and shown in the end-of-run summary under `name`; without it nothing is printed."""
+
+    name: str
+    every: int
+    fn: EvalFn
+    describe: Callable[[dict[str, float]], str] | None = None
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"{self.name}: an evaluation every {self.every} steps; expected at least 1")
+
+
 class StatefulLoader(Protocol):
     def __next__(self) -> dict[str, Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
@@ -59,6 +75,8 @@ class TrainResult:
     tokens_seen: int
     train_seconds: float
     final_eval: dict[str, float] = field(default_factory=dict)
+    # per PeriodicEval name: (the step it last ran at, its metrics then)
+    final_periodic: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
     preempted: str | None = None  # the signal's name ("SIGTERM") when a signal stopped the run early
     checkpoint: Path | None = None  # the newest checkpoint this run wrote (rank 0; None on ranks that write none)
 
@@ -119,6 +137,7 @@ class Trainer:
         grad_accum_steps: int = 1,
         flops_per_token: float | None = None,
         eval_fn: EvalFn | None = None,
+        periodic_evals: Sequence[PeriodicEval] = (),
         sample_fn: Callable[[nn.Module], str] | None = None,
         executor: StepExecutor | None = None,
         checkpointer: Any | None = None,
@@ -135,6 +154,10 @@ class Trainer:
         self.grad_accum_steps = grad_accum_steps
         self.flops_per_token = flops_per_token
         self.eval_fn = eval_fn
+        names = [p.name for p in periodic_evals]
+        if len(set(names)) != len(names):
+            raise ValueError(f"periodic evaluations need distinct names, got {names}")
+        self.periodic_evals = tuple(periodic_evals)
         self.sample_fn = sample_fn
         self.executor = executor or StepExecutor(dist)
         if not self.executor.supports(loss_fn):
@@ -261,6 +284,19 @@ class Trainer:
         metrics = {k: v / n_global for k, v in zip(names, summed[2:])}
         return summed[0] / n_global, metrics, n_global, int(summed[1])
 
+    def _watched(self, loss: float, grad_norm: float, metrics: dict[str, float]) -> float:
+        """The value the spike test watches (stability.signal): the loss, the gradient norm, or a logged metric.
+        An RL stage's loss can be negative or zero in a healthy run, so it watches something positive instead."""
+        signal = self.stab_cfg.signal
+        if signal == "loss":
+            return loss
+        if signal == "grad_norm":
+            return grad_norm
+        if signal not in metrics:
+            raise ConfigError(f"stability.signal={signal!r}: this stage logs no such metric (it logs loss, grad_norm"
+                              f"{', ' if metrics else ''}{', '.join(sorted(metrics))})")
+        return float(metrics[signal])
+
     def _clip(self) -> float:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip is not None else math.inf
         return self.executor.clip_grad_norm(self.params, max_norm)
@@ -269,14 +305,15 @@ class Trainer:
         self.rollbacks += 1
         if self.rollbacks > self.stab_cfg.max_rollbacks:
             raise TrainingDiverged(
-                f"loss spiked to {loss:.4f} (running mean {self.detector.mean:.4f}) at step {self.step} after "
+                f"{self.stab_cfg.signal} spiked to {loss:.4f} (running mean {self.detector.mean:.4f}) at step "
+                f"{self.step} after "
                 f"{self.stab_cfg.max_rollbacks} rollbacks; the run is unstable. Lower train.lr, raise "
                 f"train.warmup_steps, or inspect the data around this step (events.jsonl lists each spike)."
             )
         ckpt = self.find_checkpoint()
         if ckpt is None:
-            raise TrainingDiverged(f"loss spiked at step {self.step} and there is no intact checkpoint to roll back "
-                                   "to")
+            raise TrainingDiverged(f"{self.stab_cfg.signal} spiked at step {self.step} and there is no intact "
+                                   "checkpoint to roll back to")
         spike_step = self.step
         position_after_spike = self.loader.state_dict()
         self.restore(ckpt, restore_data=self.stab_cfg.skip_batches is not None, verify=False)
@@ -292,7 +329,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logger.event(
             spike_step, "rollback",
-            f"loss {loss:.4f} > {self.stab_cfg.spike_factor} x running mean; rolled back to {ckpt.name} "
+            f"{self.stab_cfg.signal} {loss:.4f} > {self.stab_cfg.spike_factor} x running mean; rolled back to {ckpt.name} "
             f"(step {self.step}) and skipped {skipped} micro-batches",
             loss=loss, to_step=self.step, checkpoint=str(ckpt), skipped_batches=skipped, rollbacks=self.rollbacks,
         )
@@ -333,6 +370,7 @@ class Trainer:
         last_loss = None
         train_seconds = 0.0
         final_eval: dict[str, float] = {}
+        final_periodic: dict[str, tuple[int, dict[str, float]]] = {}
         preempted = None
         self.stop_request.install()
         try:
@@ -341,7 +379,10 @@ class Trainer:
                 lr = self.schedule.apply(self.optimizer)
                 micro_batches = [next(self.loader) for _ in range(self.grad_accum_steps)]
                 loss, step_metrics, n_units, n_tokens = self._forward_backward(micro_batches)
+                if hasattr(self.loader, "pop_metrics"):  # a data source that measures its own work (rollouts)
+                    step_metrics.update(self.loader.pop_metrics())
                 grad_norm = self._clip()
+                watched = self._watched(loss, grad_norm, step_metrics)
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     self.executor.skip_step(self.optimizer)
                     self.skipped_nonfinite += 1
@@ -349,12 +390,12 @@ class Trainer:
                                  f"non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped",
                                  loss=loss if math.isfinite(loss) else str(loss),
                                  grad_norm=grad_norm if math.isfinite(grad_norm) else str(grad_norm))
-                elif self.detector.is_spike(loss):
-                    self._rollback(loss, logger)
+                elif self.detector.is_spike(watched):
+                    self._rollback(watched, logger)
                     continue
                 else:
                     self.executor.optimizer_step(self.optimizer)
-                    self.detector.update(loss)
+                    self.detector.update(watched)
                     last_loss = loss
                     if grad_norm > self.stab_cfg.grad_norm_alert:
                         # Large norms are normal while the learning rate warms up: counted for the summary and
@@ -385,6 +426,13 @@ class Trainer:
                 if self.eval_fn is not None and (self.step % self.mon_cfg.val_every == 0 or self.step == cfg.max_steps):
                     final_eval = self.eval_fn(self.model)
                     logger.log(self.step, final_eval)
+                for periodic in self.periodic_evals:
+                    if self.step % periodic.every == 0 or self.step == cfg.max_steps:
+                        results = periodic.fn(self.model)
+                        logger.log(self.step, results)
+                        final_periodic[periodic.name] = (self.step, results)
+                        if periodic.describe is not None:
+                            logger.print(f"{periodic.name} @ step {self.step}: {periodic.describe(results)}")
                 if self.sample_fn is not None and self.mon_cfg.sample_every and self.step % self.mon_cfg.sample_every == 0:
                     logger.print(f"sample @ step {self.step}: {self.sample_fn(unwrap(self.model))!r}")
                 if self.step % self.ckpt_cfg.every == 0 or self.step == cfg.max_steps:
@@ -401,7 +449,7 @@ class Trainer:
         result = TrainResult(
             steps=self.step, final_loss=last_loss, history=logger.history, events=logger.events,
             rollbacks=self.rollbacks, skipped_nonfinite=self.skipped_nonfinite, tokens_seen=self.tokens_seen,
-            train_seconds=train_seconds, final_eval=final_eval, preempted=preempted,
+            train_seconds=train_seconds, final_eval=final_eval, final_periodic=final_periodic, preempted=preempted,
             checkpoint=self._saved[1] if self._saved is not None else None,
         )
         self._summary(logger, result, start_step, peak)
@@ -425,6 +473,10 @@ class Trainer:
         for key in sorted(result.final_eval, key=lambda k: (k not in ("val_loss", "val_ppl", "val_bpb"), k)):
             if key.startswith("val_"):
                 rows.append((key.replace("_", " "), f"{result.final_eval[key]:.4f}"))
+        for periodic in self.periodic_evals:
+            if periodic.describe is not None and periodic.name in result.final_periodic:
+                step, metrics = result.final_periodic[periodic.name]
+                rows.append((f"{periodic.name} (step {step})", periodic.describe(metrics)))
         if steps_run and result.train_seconds > 0:
             tps = self._tokens_this_run / result.train_seconds
             rows.append(("tokens/s (mean)", f"{tps:,.0f}"))

@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 
 from ...errors import ConfigError
 
-__all__ = ["Doc", "GenerationTask", "MultipleChoiceTask", "TASKS", "Task", "get_task", "shared_data"]
+__all__ = ["Doc", "GenerationTask", "MultipleChoiceTask", "TASKS", "Task", "get_task", "shared_data",
+           "task_classes"]
 
 
 def shared_data() -> Path:
@@ -218,9 +219,15 @@ def _registry() -> dict[str, type[Task]]:
 TASKS: dict[str, type[Task]] = {}
 
 
-def get_task(name: str, **kwargs: Any) -> Task:
+def task_classes() -> dict[str, type[Task]]:
+    """Every registered task by name (the registry filled on first use)."""
     if not TASKS:
         TASKS.update(_registry())
+    return TASKS
+
+
+def get_task(name: str, **kwargs: Any) -> Task:
+    task_classes()
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; the tasks are: {', '.join(sorted(TASKS))}")
     return TASKS[name](**kwargs)
