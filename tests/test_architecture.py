@@ -9,7 +9,8 @@ import forgeline
 ROOT = Path(forgeline.__file__).parent
 
 # lowest first; a package may import any package before it in this list, none after it
-LAYERS = ["kernels", "model", "peft", "data", "train", "objectives", "parallel", "eval", "recipes", "label", "cli"]
+LAYERS = ["kernels", "model", "peft", "data", "train", "objectives", "parallel", "eval", "rl", "recipes", "label",
+          "cli"]
 # shared top-level modules (config.py, errors.py, files.py, tokenizer.py, ...) are used by every layer, so they may
 # import none of the layers that drive training
 SHARED_MAY_NOT_IMPORT = {"train", "objectives", "parallel", "recipes", "cli"}
