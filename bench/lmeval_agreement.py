@@ -129,9 +129,11 @@ def prepare(work: Path, data: Path, gsm_eval: int, gsm_shots_file_n: int = 8) ->
     yaml("fl_arc_easy_25shot", hd / "arc" / "arc_easy.yaml", dataset_path="json", dataset_name=None,
          dataset_kwargs={"data_files": {"test": str(work / "arc_easy.jsonl")}}, training_split=None,
          validation_split=None, test_split="test", fewshot_split="test", num_fewshot=25)
+    # The local HellaSwag file is evaluated as the test split here: the harness drops the evaluated document from
+    # its examples only when they come from the test split (drawn from another split, it draws just n).
     yaml("fl_hellaswag_10shot", hd / "hellaswag" / "hellaswag.yaml", dataset_path="json", dataset_name=None,
-         dataset_kwargs={"data_files": {"validation": str(hs.path)}}, training_split=None,
-         validation_split="validation", test_split=None, fewshot_split="validation", num_fewshot=10)
+         dataset_kwargs={"data_files": {"test": str(hs.path)}}, training_split=None,
+         validation_split=None, test_split="test", fewshot_split="test", num_fewshot=10)
     yaml("fl_gsm8k_cot", hd / "gsm8k" / "gsm8k-cot.yaml", dataset_path="json", dataset_name=None,
          dataset_kwargs={"data_files": {"test": str(evals)}}, test_split="test")
     yaml("fl_arc_easy_chat", hd / "arc" / "arc_easy.yaml", dataset_path="json", dataset_name=None,

@@ -199,6 +199,20 @@ def test_unsupported_layouts_are_refused_before_any_process_starts(tmp_path, bas
     assert time.time() - started < 10 and not (tmp_path / "run").exists()
 
 
+def test_rows_are_no_longer_than_the_models_context(tmp_path, base_run, chat_data, capsys):
+    """base_run's context is 256 tokens: the default data.max_length (4096) becomes 256; asking for more is an
+    error naming the field, not rows the model cannot attend over (and their memory)."""
+    cfg = sft_config(tmp_path / "x.yaml", base_run, chat_data, tmp_path / "run", train={"max_steps": 1})
+    plain = yaml.safe_load(cfg.read_text())
+    del plain["data"]["max_length"]
+    cfg.write_text(yaml.safe_dump(plain))
+    assert main(["sft", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "data.max_length: 256 (the model's context)" in out and "rows of up to 256 tokens" in out
+    assert main(["sft", str(cfg), "data.max_length=512", f"run_dir={tmp_path / 'run2'}"]) == 2
+    assert "data.max_length=512 is longer than the model's context (max_seq_len=256)" in capsys.readouterr().err
+
+
 def test_sft_needs_a_model_and_existing_data(tmp_path, base_run, chat_data, capsys):
     cfg = sft_config(tmp_path / "x.yaml", base_run, chat_data, tmp_path / "run")
     assert main(["sft", str(cfg), f"init={tmp_path / 'nowhere'}"]) == 2

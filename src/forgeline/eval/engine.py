@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
-from ..model.inference.generate import GenerationConfig, generate
+from ..model.inference.generate import GenerationConfig, default_stop_ids, generate
 from ..model.transformer import Transformer, require_lm_head
 
 __all__ = ["EngineStats", "GenerationRequest", "LoglikelihoodResult", "RequestEngine"]
@@ -69,7 +69,8 @@ class RequestEngine:
     row holds 2 x layers x kv_heads x head_dim floats per position."""
 
     def __init__(self, model: Transformer, tokenizer, *, batch_size: int = 16, batch_tokens: int = 8192,
-                 max_length: int | None = None, add_bos: bool = False, shard: bool = True):
+                 max_length: int | None = None, add_bos: bool = False, shard: bool = True,
+                 generation_config: dict | None = None):
         require_lm_head(model, "evaluate")
         if batch_size < 1 or batch_tokens < 1:
             raise ConfigError("batch_size and batch_tokens must be >= 1")
@@ -80,6 +81,9 @@ class RequestEngine:
         # Under torchrun each rank takes its share of the requests; a model whose forward is itself collective
         # (FSDP, tensor or pipeline parallel) needs every rank to run the same forwards: shard=False.
         self.shard = shard
+        # A generation ends at the tokenizer's end-of-text and at the model's own end tokens (a chat model's end of
+        # turn, from its generation_config.json), as `forgeline generate` ends it.
+        self.stop_token_ids = sorted(default_stop_ids(tokenizer, generation_config))
         self.device = model.inv_freq.device
         eot = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
         if eot is None:
@@ -248,7 +252,7 @@ class RequestEngine:
             for (until, max_new, temperature, top_p, seed), idx in by_settings.items():
                 cfg = GenerationConfig(max_new_tokens=max_new, do_sample=temperature > 0,
                                        temperature=temperature if temperature > 0 else 1.0, top_p=top_p,
-                                       stop_strings=tuple(until), seed=seed)
+                                       stop_strings=tuple(until), stop_token_ids=self.stop_token_ids, seed=seed)
                 for start in range(0, len(idx), self.batch_size):
                     chunk = idx[start:start + self.batch_size]
                     prompts = []

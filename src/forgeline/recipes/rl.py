@@ -20,6 +20,7 @@ from ..data.chat_templates import load_chat_template
 from ..data.prompts import load_prompts
 from ..errors import ConfigError
 from ..model import training_flops_per_token
+from ..model.inference.generate import default_stop_ids
 from ..objectives.policy_gradient import PolicyGradientObjective, policy_logps
 from ..rl.rewards import build_reward
 from ..rl.rollout import RolloutSettings, RolloutSource
@@ -59,6 +60,8 @@ def _online_rl(run: Run, cfg: OnlineRLStageConfig, export: bool) -> RLOutcome:
                            max_prompt_length=cfg.data.max_prompt_length)
     reward = build_reward([r.model_dump() for r in cfg.rewards])
     settings, objective, beta = _algorithm(cfg)
+    if template is not None:  # a chat model's reply ends at its end of turn
+        settings.stop_token_ids = tuple(sorted(default_stop_ids(tokenizer) | {template.end_of_turn_id}))
     rows = cfg.rollout.prompts_per_step // run.dp_size * cfg.rollout.samples_per_prompt
     run.place(model, tokenizer, grad_accum=max(1, -(-rows // cfg.train.micro_batch_size)))
     reference = _reference(run, cfg, beta)

@@ -55,6 +55,13 @@ def _sft(run: Run, cfg: SFTConfig, export: bool) -> SFTOutcome:
     if tokenizer.vocab_size > model.cfg.vocab_size:
         resize_token_embeddings(model, int(math.ceil(tokenizer.vocab_size / 64) * 64))
     tokenizer.chat_template = template.source  # saved with the run's tokenizer, the checkpoints and the model
+    if cfg.data.max_length > model.cfg.max_seq_len:
+        if "max_length" in cfg.data.model_fields_set:
+            raise ConfigError(f"data.max_length={cfg.data.max_length} is longer than the model's context "
+                              f"(max_seq_len={model.cfg.max_seq_len}); set data.max_length<={model.cfg.max_seq_len}")
+        # the default (4096) on a model with a shorter context: rows as long as the model can attend over
+        cfg.data.max_length = model.cfg.max_seq_len
+        run.print(f"data.max_length: {cfg.data.max_length} (the model's context)")
     data_args = dict(max_length=cfg.data.max_length, format=cfg.data.format, fields=cfg.data.fields,
                      system_prompt=cfg.data.system_prompt, instruction_style=cfg.data.instruction_style,
                      loss_on=cfg.data.loss_on, on_error=cfg.data.on_error)

@@ -55,6 +55,7 @@ class RolloutSettings:
     top_k: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's end-of-text (a chat template adds its own)
     epochs: int = 1  # optimizer steps on each batch of rollouts
     estimator: str = "group"  # "group" (GRPO) or "rloo"
     scale: str = "group"  # group advantages: "group", "batch" or "none"
@@ -181,7 +182,8 @@ class RolloutSource:
         rows = [p for p in prompts for _ in range(s.group_size)]
         config = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=True, temperature=s.temperature,
                                   top_p=s.top_p, top_k=s.top_k, stop_strings=tuple(s.stop),
-                                  stop_token_ids=[] if s.ignore_eos else None,
+                                  stop_token_ids=[] if s.ignore_eos else (
+                                      None if s.stop_token_ids is None else list(s.stop_token_ids)),
                                   seed=(self.seed * 1_000_003 + self.generation * 1009 + self.dp_rank) % 2**62)
         completions = generate(policy, [p.ids for p in rows], config, tokenizer=self.tokenizer)
         generated = time.perf_counter()

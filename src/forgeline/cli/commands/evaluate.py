@@ -88,7 +88,8 @@ def run(args) -> int:
     tasks, data = task_arguments(args)
     loaded = load_for_generation(args.model, base=args.base, dtype=args.dtype,
                                  report=lambda line: print(line, file=sys.stderr, flush=True))
-    engine = RequestEngine(loaded.model, loaded.tokenizer, batch_size=args.batch_size)
+    engine = RequestEngine(loaded.model, loaded.tokenizer, batch_size=args.batch_size,
+                           generation_config=loaded.generation_config)
     out = Path(args.out or f"eval-{Path(str(args.model).rstrip('/')).name}")
     out.mkdir(parents=True, exist_ok=True)
     options = {"humaneval": {"samples": args.samples, "temperature": args.temperature, "top_p": args.top_p}}

@@ -206,13 +206,14 @@ def _argmax(values: Sequence[float]) -> int:
 
 def _registry() -> dict[str, type[Task]]:
     from .arc import ArcChallenge, ArcEasy
+    from .arithmetic import Arithmetic
     from .gsm8k import GSM8K, GSM8KChainOfThought
     from .hellaswag import HellaSwag
     from .humaneval import HumanEval
     from .mmlu import MMLU
     from .truthfulqa import TruthfulQAMC1, TruthfulQAMC2
 
-    return {t.name: t for t in (ArcEasy, ArcChallenge, HellaSwag, MMLU, GSM8K, GSM8KChainOfThought, HumanEval,
+    return {t.name: t for t in (Arithmetic, ArcEasy, ArcChallenge, HellaSwag, MMLU, GSM8K, GSM8KChainOfThought, HumanEval,
                                 TruthfulQAMC1, TruthfulQAMC2)}
 
 
