@@ -268,6 +268,19 @@ def test_chat_template_prompts_are_turns_and_answers_follow_the_assistant_header
         evaluate(RequestEngine(model, plain), ["arc_easy"], limit=1, chat_template=True, report=None)
 
 
+def test_rates_get_wilson_intervals_and_samples_the_finite_population_correction():
+    from forgeline.eval.run import _summary
+
+    none = _summary([0.0] * 40, 40)
+    assert none["ci_low"] == 0.0 and none["ci_high"] == pytest.approx(0.0876, abs=1e-3)  # not the point [0, 0]
+    half = _summary([1.0, 0.0] * 20, 40)
+    assert half["ci_low"] == pytest.approx(0.3520, abs=1e-3) and half["ci_high"] == pytest.approx(0.6480, abs=1e-3)
+    sampled = _summary([1.0, 0.0] * 20, 80)  # 40 of 80 documents: a narrower interval for the whole set's score
+    assert half["ci_low"] < sampled["ci_low"] < 0.5 < sampled["ci_high"] < half["ci_high"]
+    scores = _summary([0.2, 0.4, 0.9], 3)  # not a rate (MC2's probability mass): mean +- 1.96 stderr
+    assert scores["ci_high"] - scores["mean"] == pytest.approx(1.96 * scores["stderr"])
+
+
 def test_stratified_sample_covers_every_group():
     docs = [Doc(id=str(i), fields={}, group=f"g{i % 4}") for i in range(400)]
     chosen = select_docs(docs, limit=None, sample=40, seed=0)

@@ -79,10 +79,25 @@ def _summary(values: list[float], total: int) -> dict[str, float]:
     stderr = math.sqrt(var / n)
     if n < total:  # a sample of a finite set: the finite-population correction
         stderr *= math.sqrt((total - n) / max(total - 1, 1))
-    low, high = mean - 1.96 * stderr, mean + 1.96 * stderr
-    if all(0.0 <= v <= 1.0 for v in values):  # a rate: its interval stays within [0, 1]
-        low, high = max(low, 0.0), min(high, 1.0)
+    if all(v in (0.0, 1.0) for v in values):
+        # A rate (accuracy, exact match): Wilson's interval, which stays inside [0, 1] and does not shrink to a
+        # point at 0 or n successes; a sample of a finite set counts as n (N - 1) / (N - n) draws.
+        n_eff = n * (total - 1) / (total - n) if n < total else float(n)
+        low, high = wilson(mean, n_eff)
+    else:
+        low, high = mean - 1.96 * stderr, mean + 1.96 * stderr
+        if all(0.0 <= v <= 1.0 for v in values):
+            low, high = max(low, 0.0), min(high, 1.0)
     return {"mean": mean, "stderr": stderr, "ci_low": low, "ci_high": high}
+
+
+def wilson(rate: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval of a proportion observed as `rate` over `n` trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate(engine: RequestEngine, task_names: Sequence[str], *, data: dict[str, str] | None = None,
