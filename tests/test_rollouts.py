@@ -47,28 +47,59 @@ def source(model, score=count_sevens, **overrides):
                          micro_batch_size=5, seed=3, log=lambda line: None)
 
 
-def test_rows_targets_advantages_and_micro_batches(model):
+def test_prefix_tree_batches_advantages_and_micro_batches(model):
     src = source(model)
     assert src.grad_accum_steps == 3  # 4 prompts x 3 samples in micro-batches of 5
     batches = [next(src) for _ in range(src.grad_accum_steps)]
-    assert [b["input_ids"].shape[0] for b in batches] == [5, 5, 2]
-    rows = {k: torch.cat([b[k] for b in batches]) if k == "advantages" else None for k in ("advantages",)}
-    adv = rows["advantages"].view(4, 3)
+    assert [b["targets"].shape[0] for b in batches] == [5, 5, 2]  # completions per micro-batch
+    # rows: one per prompt in each micro-batch (completions 0-4: A A A B B; 5-9: B C C C D; 10-11: D D)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 3, 1]
+    adv = torch.cat([b["advantages"] for b in batches]).view(4, 3)
     assert torch.allclose(adv.mean(1), torch.zeros(4), atol=1e-5)  # group-relative
     for b in batches:
-        targets = b["targets"]
-        real = targets != IGNORE_INDEX
+        real = b["targets"] != IGNORE_INDEX
         assert b["n_units"] == int(real.sum())  # token averaging counts completion tokens
-        for row in range(targets.shape[0]):
-            first = int(real[row].nonzero()[0])
-            assert first == 2  # the prompt's last position predicts the first completion token
-            n = int(b["length"][row])
-            completion = targets[row, first:n]
-            # every completion token but the last is also an input (teacher forcing)
-            assert torch.equal(b["input_ids"][row, first + 1:n], completion[:-1])
+        flat = b["input_ids"].reshape(-1)
+        for n in range(b["targets"].shape[0]):
+            k = int(real[n].sum())
+            row, first = divmod(int(b["gather"][n, 0]), b["input_ids"].shape[1])
+            assert b["branch"][row, first] == 0 and b["branch"][row, first + 1] != 0 or k == 1
+            # every later token is predicted by the position holding the token before it (teacher forcing)
+            assert torch.equal(flat[b["gather"][n, 1:k]], b["targets"][n, :k - 1])
     metrics = src.pop_metrics()
     assert {"reward", "reward/sevens", "completion_length", "terminated", "rollouts_per_s"} <= metrics.keys()
     assert src.pop_metrics() == {}
+
+
+def test_a_prefix_tree_batch_gives_the_log_probs_and_gradients_of_plain_rows(model):
+    """The prompt run once for its group changes nothing: per-token log-probs and their gradients equal those of
+    one [prompt | completion] row per completion."""
+    from forgeline.objectives.policy_gradient import policy_logps, rollout_logps
+
+    src = source(model, max_new_tokens=5)
+    batch = next(src)
+    tree = rollout_logps(model, batch)
+    grads_tree = torch.autograd.grad(tree.sum(), list(model.parameters()), allow_unused=True)
+    flat, T = batch["input_ids"].reshape(-1), batch["input_ids"].shape[1]
+    plain = torch.zeros_like(tree)
+    total = 0
+    for n in range(batch["targets"].shape[0]):
+        k = int((batch["targets"][n] != IGNORE_INDEX).sum())
+        row, last_prompt = divmod(int(batch["gather"][n, 0]), T)
+        prompt = batch["input_ids"][row, :last_prompt + 1].tolist()
+        tokens = batch["targets"][n, :k].tolist()
+        ids = torch.tensor([prompt + tokens[:-1]])
+        targets = torch.full_like(ids, IGNORE_INDEX)
+        targets[0, len(prompt) - 1:] = torch.tensor(tokens)
+        lp = policy_logps(model, ids, targets)[0, len(prompt) - 1:]
+        plain[n, :k] = lp.detach()
+        total = total + lp.sum()
+    grads_plain = torch.autograd.grad(total, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(tree.detach(), plain, atol=1e-5)
+    for a, b in zip(grads_tree, grads_plain):
+        if a is not None:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)  # sums of ~10: float32 rounding
+    del flat
 
 
 def batches_of(src, n):
@@ -89,12 +120,12 @@ def test_resume_continues_exactly(model, epochs):
     b.load_state_dict(json.loads(json.dumps(state)))  # the state goes through trainer_state.json
     got = batches_of(b, 2 * b.grad_accum_steps)
     for x, y in zip(expected, got):
-        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.allclose(x["advantages"], y["advantages"])
+        assert torch.equal(x["targets"], y["targets"]) and torch.allclose(x["advantages"], y["advantages"])
     if epochs == 2:  # the second step trains on the first step's rollouts again
         again = source(model, epochs=2)
         first = batches_of(again, again.grad_accum_steps)
         second = batches_of(again, again.grad_accum_steps)
-        assert all(torch.equal(p["input_ids"], q["input_ids"]) for p, q in zip(first, second))
+        assert all(torch.equal(p["targets"], q["targets"]) for p, q in zip(first, second))
 
 
 def test_a_failing_reward_skips_its_batch_and_three_in_a_row_stop(model):

@@ -30,6 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model.inference.generate import GenerationConfig, default_stop_ids, generate
+from ..model.masks import prefix_tree_mask
 from ..model.transformer import Transformer, require_lm_head
 
 __all__ = ["EngineStats", "GenerationRequest", "LoglikelihoodResult", "RequestEngine"]
@@ -194,13 +195,7 @@ class RequestEngine:
             positions[b, :len(row)] = torch.tensor(pos)
             branch[b, :len(row)] = torch.tensor(br)
         if bool((branch > 0).any()):
-            q, k = torch.arange(T), torch.arange(T)
-            mask = (k[None, :] <= q[:, None])[None] & (branch[:, None, :] >= 0) \
-                & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None]))
-            mask |= torch.eye(T, dtype=torch.bool)[None]  # a padding query keeps its own key (no all-masked row)
-            if shared:
-                mask = torch.cat([mask.new_ones(B, T, shared), mask], dim=2)
-            mask = mask[:, None]
+            mask = prefix_tree_mask(branch, prefix_keys=shared)
         else:  # one-token continuations only: plain causal attention (padding is on the right, after every query)
             mask = None
         cache = None

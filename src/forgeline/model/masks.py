@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NO_MASK", "BranchMasks", "BranchedRows", "build_attention_mask", "query_rows"]
+__all__ = ["NO_MASK", "BranchMasks", "BranchedRows", "build_attention_mask", "prefix_tree_mask", "query_rows"]
 
 # A sentinel for "attend to every key": a single new token decoding against the cache needs no mask at all.
 NO_MASK = object()
@@ -74,6 +74,23 @@ class BranchMasks:
         mask[:, :, S:, :P] = self.second[..., :P]
         mask[:, :, S:, S:] = self.second[..., P:]
         return mask
+
+
+def prefix_tree_mask(branch: torch.Tensor, *, prefix_keys: int = 0) -> torch.Tensor:
+    """(B, 1, T, prefix_keys + T) bool mask for rows [prefix | continuation 1 | continuation 2 | ...]: `branch`
+    (B, T) is 0 on the prefix, k on continuation k and -1 on padding. Each continuation attends to the prefix and to
+    its own earlier tokens, never to a sibling, so it is computed as if it followed the prefix alone (given the
+    positions that follow the prefix); the prefix is computed once for all of them. `prefix_keys` more keys before
+    the rows (a KV cache of a prefix shared by every row) are visible to every query. A padding query keeps its own
+    key, so that no softmax row is all masked (NaN)."""
+    B, T = branch.shape
+    i = torch.arange(T, device=branch.device)
+    keys = branch[:, None, :]
+    mask = (i[None, :] <= i[:, None])[None] & (keys >= 0) & ((keys == 0) | (keys == branch[:, :, None]))
+    mask |= torch.eye(T, dtype=torch.bool, device=branch.device)[None]
+    if prefix_keys:
+        mask = torch.cat([mask.new_ones(B, T, prefix_keys), mask], dim=2)
+    return mask[:, None]
 
 
 def query_rows(mask, keep: torch.Tensor, length: int) -> torch.Tensor:

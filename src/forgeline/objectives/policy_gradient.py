@@ -27,6 +27,7 @@ from torch import nn
 
 from ..kernels.cross_entropy import IGNORE_INDEX
 from ..kernels.logprobs import token_logprobs
+from ..model.masks import prefix_tree_mask
 from ..train.distributed import unwrap
 from ..train.executor import LossOutput, batch_tokens
 
@@ -35,6 +36,21 @@ def policy_logps(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tenso
     """(B, T) log p(target) at every position (0 where the target is IGNORE_INDEX)."""
     hidden = model(input_ids, return_hidden=True)
     return token_logprobs(hidden, unwrap(model).lm_head_weight(), targets)
+
+
+def rollout_logps(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """(N, Tc) per-token log-probs of each completion of a rollout batch (0 where `targets` is IGNORE_INDEX).
+
+    A batch in prefix-tree form (rl/rollout.py) holds rows [prompt | completion 1 | completion 2 | ...] whose
+    completions attend to their prompt and themselves only (`branch`, `position_ids`): the prompt is run once for
+    its whole group. `gather` (N, Tc) says which row position predicts each completion token. Plain rows (one
+    completion each, `targets` aligned with `input_ids`) are run as they are."""
+    if "gather" not in batch:
+        return policy_logps(model, batch["input_ids"], batch["targets"])
+    hidden = model(batch["input_ids"], position_ids=batch["position_ids"],
+                   attention_mask=prefix_tree_mask(batch["branch"]), return_hidden=True)
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch["gather"].clamp(min=0).to(hidden.device)]
+    return token_logprobs(picked, unwrap(model).lm_head_weight(), batch["targets"].to(hidden.device))
 
 
 def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -82,7 +98,7 @@ class PolicyGradientObjective:
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
         targets = batch["targets"]
         mask = (targets != IGNORE_INDEX).float()
-        logps = policy_logps(model, batch["input_ids"], targets)
+        logps = rollout_logps(model, batch)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old.float()
         advantages = batch["advantages"].float()

@@ -21,7 +21,7 @@ from ..data.prompts import load_prompts
 from ..errors import ConfigError
 from ..model import training_flops_per_token
 from ..model.inference.generate import default_stop_ids
-from ..objectives.policy_gradient import PolicyGradientObjective, policy_logps
+from ..objectives.policy_gradient import PolicyGradientObjective, rollout_logps
 from ..rl.rewards import build_reward
 from ..rl.rollout import RolloutSettings, RolloutSource
 from ..train.distributed import unwrap
@@ -122,7 +122,7 @@ def _reference(run: Run, cfg: OnlineRLStageConfig, beta: float):
 
         def base(policy, batch):
             with adapters_disabled(unwrap(policy)):
-                return policy_logps(unwrap(policy), batch["input_ids"], batch["targets"])
+                return rollout_logps(unwrap(policy), batch)
         return base
     source = settings.reference_model or cfg.init
     if source is None:
@@ -130,4 +130,4 @@ def _reference(run: Run, cfg: OnlineRLStageConfig, beta: float):
                           f"{cfg.stage}.reference_model")
     frozen = run.frozen(source)
     run.print(f"reference: {source}, a frozen copy")
-    return lambda policy, batch: policy_logps(frozen, batch["input_ids"], batch["targets"])
+    return lambda policy, batch: rollout_logps(frozen, batch)

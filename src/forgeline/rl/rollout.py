@@ -31,7 +31,7 @@ from ..data.prompts import Prompt
 from ..errors import ForgelineError
 from ..kernels.cross_entropy import IGNORE_INDEX
 from ..model.inference.generate import GenerationConfig, generate
-from ..objectives.policy_gradient import policy_logps
+from ..objectives.policy_gradient import rollout_logps
 from ..train.distributed import all_reduce_sum, unwrap
 from ..train.executor import autocast_context
 from .advantages import group_advantages, rloo_advantages
@@ -196,32 +196,39 @@ class RolloutSource:
             self.log(f"rollouts of generation {self.generation} skipped: "
                      f"{error or 'the reward failed on another rank'}")
             return None
-        batch = self._rows(rows, completions)
+        micro_batches = [self._tree(rows[i:i + self.micro_batch_size], completions[i:i + self.micro_batch_size])
+                         for i in range(0, len(rows), self.micro_batch_size)]
+        need_old = s.epochs > 1 or (s.estimator == "rloo" and s.reward_kl_beta > 0)
+        olds, refs = [], []
         with torch.no_grad(), autocast_context(self.device, self.precision):
             was_training = policy.training
             policy.eval()
             try:
-                need_old = s.epochs > 1 or (s.estimator == "rloo" and s.reward_kl_beta > 0)
-                old = policy_logps(policy, batch["input_ids"], batch["targets"]).float() if need_old else None
-                ref = self.reference(policy, batch).float() if self.reference is not None else None
+                for mb in micro_batches:
+                    olds.append(rollout_logps(policy, mb).float().cpu() if need_old else None)
+                    refs.append(self.reference(policy, mb).float().cpu() if self.reference is not None else None)
             finally:
                 policy.train(was_training)
-        mask = (batch["targets"] != IGNORE_INDEX).float()
         rewards = torch.tensor(total, dtype=torch.float32)
         if s.estimator == "rloo":
             penalised = rewards
             if s.reward_kl_beta > 0:
-                kl = ((old - ref) * mask).sum(-1).cpu()
+                kl = torch.cat([((old - ref) * (mb["targets"] != IGNORE_INDEX)).sum(-1)
+                                for mb, old, ref in zip(micro_batches, olds, refs)])
                 penalised = rewards - s.reward_kl_beta * kl
                 self._add("kl", float(kl.sum()), len(rows))
             advantages = rloo_advantages(penalised, s.group_size, normalize=s.normalize)
         else:
             advantages = group_advantages(rewards, s.group_size, scale=s.scale)
-        batch["advantages"] = advantages
-        if old is not None and s.epochs > 1:
-            batch["old_logps"] = old.cpu()
-        if ref is not None and s.estimator != "rloo":
-            batch["ref_logps"] = ref.cpu()
+        start = 0
+        for mb, old, ref in zip(micro_batches, olds, refs):
+            n = mb["targets"].shape[0]
+            mb["advantages"] = advantages[start:start + n]
+            start += n
+            if old is not None and s.epochs > 1:
+                mb["old_logps"] = old
+            if ref is not None and s.estimator != "rloo":
+                mb["ref_logps"] = ref
         scored = time.perf_counter()
         lengths = [len(c.tokens) for c in completions]
         self._add("reward", float(rewards.sum()), len(rows))
@@ -234,38 +241,49 @@ class RolloutSource:
         self._add("generation_s", generated - started, 1)
         self._add("scoring_s", scored - generated, 1)
         self._add("rollouts_per_s", len(rows) / max(generated - started, 1e-9), 1)
-        return _Rollout(micro_batches=self._split(batch), passes_left=s.epochs - 1)
+        return _Rollout(micro_batches=micro_batches, passes_left=s.epochs - 1)
 
-    def _rows(self, rows: list[Prompt], completions) -> dict[str, Any]:
-        """[prompt | completion] without the completion's last token (only predicted), right-padded."""
-        seqs = [p.ids + list(c.tokens) for p, c in zip(rows, completions)]
-        T = max(len(q) for q in seqs) - 1
-        input_ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (p, q) in enumerate(zip(rows, seqs)):
-            n = len(q) - 1
-            input_ids[i, :n] = torch.tensor(q[:-1])
-            if len(q) > len(p.ids):
-                targets[i, len(p.ids) - 1:n] = torch.tensor(q[len(p.ids):])
-        return {"input_ids": input_ids, "targets": targets, "length": torch.tensor([len(q) - 1 for q in seqs])}
-
-    def _split(self, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        out = []
-        B = batch["input_ids"].shape[0]
-        for start in range(0, B, self.micro_batch_size):
-            part = {k: v[start:start + self.micro_batch_size] for k, v in batch.items()}
-            real = part["targets"] != IGNORE_INDEX
-            width = int(real.any(0).nonzero().max()) + 1 if bool(real.any()) else 1
-            part["input_ids"], part["targets"] = part["input_ids"][:, :width], part["targets"][:, :width]
-            for key in ("old_logps", "ref_logps"):
-                if key in part:
-                    part[key] = part[key][:, :width]
-            rows = part["input_ids"].shape[0]
-            part["weight"] = torch.ones(rows)
-            part["n_units"] = int(real.sum()) if self.settings.averaging == "token" else rows
-            part["n_tokens"] = int(part["length"].sum())
-            out.append(part)
-        return out
+    def _tree(self, rows: list[Prompt], completions) -> dict[str, Any]:
+        """One micro-batch in prefix-tree form: consecutive completions of one prompt share one row,
+        [prompt | completion 1 | completion 2 | ...] (each completion without its last token, which is only
+        predicted), so the prompt runs once per group (objectives/policy_gradient.rollout_logps). `targets` (N, Tc)
+        are the completions' tokens; `gather` the row position that predicts each."""
+        groups: list[tuple[Prompt, list]] = []
+        for prompt, completion in zip(rows, completions):
+            if groups and groups[-1][0] is prompt:
+                groups[-1][1].append(list(completion.tokens))
+            else:
+                groups.append((prompt, [list(completion.tokens)]))
+        lengths = [len(p.ids) + sum(max(len(c) - 1, 0) for c in cs) for p, cs in groups]
+        R, T = len(groups), max(lengths)
+        N, Tc = len(rows), max(len(c.tokens) for c in completions)
+        input_ids = torch.full((R, T), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((R, T), dtype=torch.long)
+        branch = torch.full((R, T), -1, dtype=torch.long)
+        gather = torch.full((N, Tc), -1, dtype=torch.long)
+        targets = torch.full((N, Tc), IGNORE_INDEX, dtype=torch.long)
+        n = 0
+        for r, (prompt, cs) in enumerate(groups):
+            P = len(prompt.ids)
+            input_ids[r, :P] = torch.tensor(prompt.ids)
+            positions[r, :P] = torch.arange(P)
+            branch[r, :P] = 0
+            at = P
+            for k, tokens in enumerate(cs, start=1):
+                body = tokens[:-1]
+                input_ids[r, at:at + len(body)] = torch.tensor(body, dtype=torch.long)
+                positions[r, at:at + len(body)] = torch.arange(P, P + len(body))
+                branch[r, at:at + len(body)] = k
+                # token 0 is predicted by the prompt's last position, token j by completion token j - 1
+                gather[n, :len(tokens)] = r * T + torch.tensor([P - 1] + list(range(at, at + len(body))))
+                targets[n, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                at += len(body)
+                n += 1
+        real = targets != IGNORE_INDEX
+        return {"input_ids": input_ids, "position_ids": positions, "branch": branch, "gather": gather,
+                "targets": targets, "weight": torch.ones(N),
+                "n_units": int(real.sum()) if self.settings.averaging == "token" else N,
+                "n_tokens": int(sum(lengths))}
 
     def _add(self, name: str, value: float, count: float = 1.0) -> None:
         self._metrics.sums[name] = self._metrics.sums.get(name, 0.0) + value
