@@ -157,3 +157,17 @@ def test_policy_logps_are_the_models_log_softmax_at_the_targets():
     full = torch.log_softmax(model(ids).float(), -1)
     want = full[:, 3:6].gather(2, ids[:, 4:7, None])[..., 0]
     assert torch.allclose(got[:, 3:6], want, atol=1e-5) and got[:, :3].abs().max() == 0
+
+
+def test_the_spike_test_leaves_zero_out_of_its_running_mean():
+    """An RL step whose groups all scored alike has a gradient norm of exactly 0; folding those in would pull the
+    mean towards 0 until an ordinary step looked like a spike."""
+    from forgeline.config import StabilityConfig
+    from forgeline.train.stability import SpikeDetector
+
+    detector = SpikeDetector(StabilityConfig(spike_factor=5.0, warmup_steps=2, signal="grad_norm"))
+    for value in (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.2, 0.0, 0.0):
+        assert not detector.is_spike(value)
+        detector.update(value)
+    assert detector.mean == pytest.approx(1.1, abs=0.01) and detector.observed == 2
+    assert detector.is_spike(6.0) and not detector.is_spike(0.9)

@@ -31,8 +31,10 @@ class SpikeDetector:
         return loss > self.cfg.spike_factor * self.mean
 
     def update(self, loss: float) -> None:
-        """Fold an accepted (non-spike, finite) loss into the running mean."""
-        if not math.isfinite(loss):
+        """Fold an accepted (non-spike, finite, positive) value into the running mean. Zero is left out: an RL step
+        whose groups all scored alike has a gradient of exactly zero, and folding such steps in would pull the mean
+        towards zero until an ordinary step looked like a spike."""
+        if not math.isfinite(loss) or loss <= 0:
             return
         beta = self.cfg.ema_beta
         self._ema = beta * self._ema + (1 - beta) * loss
