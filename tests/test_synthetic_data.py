@@ -212,6 +212,9 @@ def test_cli_writes_the_records(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     assert main(["data", "synthetic", "--kind", "text", "--n", "5", "--ops=+,-", "--out", str(text)]) == 0
     assert list(iter_file_documents(text)) == text_documents(5, difficulty=Difficulty(ops=("+", "-")))
+    quoted = tmp_path / "quoted.jsonl"  # --ops "+ -" as one shell word: the same as two
+    assert main(["data", "synthetic", "--kind", "rl", "--n", "4", "--ops", "+ -", "--out", str(quoted)]) == 0
+    assert _jsonl(quoted) == rl_records(4, difficulty=Difficulty(ops=("+", "-")))
 
 
 @pytest.mark.parametrize("args,message", [

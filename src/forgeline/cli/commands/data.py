@@ -71,7 +71,7 @@ def data_prepare(args) -> int:
 def data_synthetic(args) -> int:
     from ...data.synthetic import Difficulty, write_synthetic
 
-    ops = [op.strip() for item in args.ops for op in item.split(",") if op.strip()]
+    ops = [op for item in args.ops for op in item.replace(",", " ").split()]
     difficulty = Difficulty(digits=args.digits, steps=args.steps, ops=tuple(ops))
     path = write_synthetic(args.out, args.kind, args.n, split=args.split, seed=args.seed, difficulty=difficulty)
     what = "documents" if args.kind == "text" else f"{args.kind} records"
