@@ -138,17 +138,24 @@ def test_bad_rl_input_is_one_clear_error(tmp_path, base_run, prompts_file, rewar
 
 
 @pytest.mark.slow
-def test_grpo_on_two_ddp_ranks_rolls_out_each_ranks_share(tmp_path, base_run, prompts_file, reward_module):
+def test_grpo_on_two_ranks_ddp_and_fsdp2_give_the_same_run(tmp_path, base_run, prompts_file, reward_module):
+    """Each rank rolls out its share (2 of the 4 prompts a step); under FSDP2 from a whole copy of the current
+    weights, so the samples and losses equal DDP's (the KL reference a frozen copy, sharded like the policy)."""
     from test_sft import run_cli
 
-    run = tmp_path / "ddp"
-    result = run_cli("grpo", config(tmp_path / "d.yaml", base_run, prompts_file, run, f"{reward_module}:e_share",
-                                    train={"max_steps": 3, "micro_batch_size": 4}), "--nproc", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    steps = [r for r in rows(run) if "loss" in r]
-    # 4 prompts a step: 2 per rank, 4 samples each, in micro-batches of 4: 2 per rank; 16 completions in all
-    assert len(steps) == 3 and all(0 <= r["reward"] <= 1 for r in steps)
-    assert (run / "model" / "model.safetensors").exists()
-    bad = run_cli("grpo", config(tmp_path / "f.yaml", base_run, prompts_file, tmp_path / "f",
-                                 f"{reward_module}:e_share", parallel={"dp_shard": -1}), "--nproc", "2")
+    runs = {}
+    for layout, parallel in (("ddp", {}), ("fsdp2", {"dp_shard": -1})):
+        run = tmp_path / layout
+        result = run_cli("grpo", config(tmp_path / f"{layout}.yaml", base_run, prompts_file, run,
+                                        f"{reward_module}:e_share", train={"max_steps": 3, "micro_batch_size": 4},
+                                        grpo={"beta": 0.1}, parallel=parallel), "--nproc", "2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[layout] = [r for r in rows(run) if "loss" in r]
+        assert len(runs[layout]) == 3 and all(0 <= r["reward"] <= 1 for r in runs[layout])
+        assert (run / "model" / "model.safetensors").exists()
+    for a, b in zip(runs["ddp"], runs["fsdp2"]):
+        assert b["reward"] == pytest.approx(a["reward"], abs=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["kl"] == pytest.approx(a["kl"], abs=1e-6)
+    bad = run_cli("grpo", config(tmp_path / "tp.yaml", base_run, prompts_file, tmp_path / "tp",
+                                 f"{reward_module}:e_share", parallel={"tp": 2}), "--nproc", "2")
     assert bad.returncode != 0 and "whole model on every rank" in bad.stderr and "Traceback" not in bad.stderr

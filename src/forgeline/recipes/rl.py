@@ -47,10 +47,7 @@ def rloo(cfg: RLOOConfig, *, resume: bool | str = False, export: bool = True) ->
 
 
 def _online_rl(run: Run, cfg: OnlineRLStageConfig, export: bool) -> RLOutcome:
-    if not run.whole_model:
-        raise ConfigError(f"{cfg.stage} generates its rollouts with the whole model on every rank: one process or "
-                          f"DDP, not {run.layout.describe()} (FSDP2, tensor and pipeline layouts are not supported "
-                          "for online RL yet)")
+    check_rl_layout(cfg, run.layout)
     model, tokenizer = model_to_tune(cfg, run.dist.device, cfg.stage)
     template = None
     if cfg.data.template != "none":
@@ -79,6 +76,19 @@ def _online_rl(run: Run, cfg: OnlineRLStageConfig, export: bool) -> RLOutcome:
     result = trainer.fit(resume_from=run.resume_from)
     eos = [template.end_of_turn] if template is not None else None
     return RLOutcome(result=result, model_dir=run.finish(trainer, result, export=export, generation_eos=eos))
+
+
+def check_rl_layout(cfg: OnlineRLStageConfig, layout) -> None:
+    """One process, DDP, or FSDP2 with full fine-tuning: each rank samples its share with the whole model (under
+    FSDP2 a copy refreshed every batch). Tensor and pipeline layouts split the model each sampling step needs."""
+    sharded = not (layout.is_plain_data_parallel and cfg.parallel.backend == "native")
+    if layout.tp > 1 or layout.pp > 1 or cfg.parallel.backend != "native":
+        raise ConfigError(f"{cfg.stage} generates its rollouts with the whole model on every rank: one process, DDP "
+                          f"or FSDP2 (parallel.dp_shard), not {layout.describe()}"
+                          + (" with parallel.backend=deepspeed" if cfg.parallel.backend != "native" else ""))
+    if sharded and cfg.peft is not None:
+        raise ConfigError(f"{cfg.stage} with peft: runs in one process or under DDP; under FSDP2 train every weight "
+                          "(adapters on a sharded base cannot be copied whole for sampling yet)")
 
 
 def _scorer(reward):

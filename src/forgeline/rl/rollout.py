@@ -32,7 +32,7 @@ from ..errors import ForgelineError
 from ..kernels.cross_entropy import IGNORE_INDEX
 from ..model.inference.generate import GenerationConfig, generate
 from ..objectives.policy_gradient import rollout_logps
-from ..train.distributed import all_reduce_sum, unwrap
+from ..train.distributed import all_reduce_sum, reshard_fsdp, unwrap
 from ..train.executor import autocast_context
 from .advantages import group_advantages, rloo_advantages
 
@@ -102,6 +102,7 @@ class RolloutSource:
         self._current: _Rollout | None = None
         self._queue: list[dict[str, Any]] = []
         self._metrics = _Metrics()
+        self._copy: torch.nn.Module | None = None  # the FSDP2 policy's whole copy that generates
 
     # -- the loader protocol ---------------------------------------------------------------------------------------
 
@@ -175,6 +176,22 @@ class RolloutSource:
         raise ForgelineError(f"the reward failed on {MAX_FAILED_BATCHES} batches of rollouts in a row; the run "
                              "stops (the lines above say why)")
 
+    def _generator(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The model that samples: the policy itself, or under FSDP2 (whose forward is collective, while ranks stop
+        generating at different steps) a whole copy on every rank, refreshed from the current weights for every
+        batch of rollouts, so that it is never stale."""
+        if not any(hasattr(p, "full_tensor") for p in policy.parameters()):
+            return policy
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from ..model import build_model
+
+        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
+        if self._copy is None:
+            self._copy = build_model(policy.cfg).to(self.device).eval().requires_grad_(False)
+        self._copy.load_state_dict(state)
+        return self._copy
+
     def _try(self, prompts: list[Prompt]) -> _Rollout | None:
         s = self.settings
         policy = unwrap(self.model)
@@ -185,7 +202,7 @@ class RolloutSource:
                                   stop_token_ids=[] if s.ignore_eos else (
                                       None if s.stop_token_ids is None else list(s.stop_token_ids)),
                                   seed=(self.seed * 1_000_003 + self.generation * 1009 + self.dp_rank) % 2**62)
-        completions = generate(policy, [p.ids for p in rows], config, tokenizer=self.tokenizer)
+        completions = generate(self._generator(policy), [p.ids for p in rows], config, tokenizer=self.tokenizer)
         generated = time.perf_counter()
         texts = [c.text or "" for c in completions]
         total, parts, error = self.score([p.text for p in rows], texts, [p.record for p in rows])
@@ -209,6 +226,7 @@ class RolloutSource:
                     refs.append(self.reference(policy, mb).float().cpu() if self.reference is not None else None)
             finally:
                 policy.train(was_training)
+                reshard_fsdp(policy)
         rewards = torch.tensor(total, dtype=torch.float32)
         if s.estimator == "rloo":
             penalised = rewards

@@ -29,14 +29,12 @@ def _runner(stage: str):
 def _check(stage: str):
     def check(cfg, nproc: int) -> None:
         from ...data.sources import resolve_inputs
-        from ...errors import ConfigError
+        from ...recipes.rl import check_rl_layout
         from ...recipes.setup import check_parallel_config
         from ...rl.rewards import build_reward
 
         layout = check_parallel_config(cfg, nproc, pipeline_ok=False, deepspeed_ok=False, stage=stage)
-        if not (layout.is_plain_data_parallel and cfg.parallel.backend == "native"):
-            raise ConfigError(f"{stage} generates its rollouts with the whole model on every rank: one process or "
-                              f"DDP, not {layout.describe()}")
+        check_rl_layout(cfg, layout)
         resolve_inputs(cfg.data.train)
         build_reward([r.model_dump() for r in cfg.rewards])  # an unknown reward fails here, before any process
     return check
