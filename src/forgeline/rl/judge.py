@@ -64,23 +64,12 @@ class AIJudge:
         self.engine, self.rubric, self.chat = engine, rubric.strip(), chat
 
     def question(self, conversation: str, first: str, second: str) -> str:
-        text = PROMPT.format(rubric=self.rubric, conversation=conversation.strip(), first=first.strip(),
-                             second=second.strip())
-        if self.chat:
-            return self.engine.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                             add_generation_prompt=True)
-        return text + "\nAnswer:"
+        return judge_question(self.engine, PROMPT.format(rubric=self.rubric, conversation=conversation.strip(),
+                                                         first=first.strip(), second=second.strip()), self.chat)
 
     def p_first_better(self, questions: Sequence[str]) -> list[float]:
         """P("1") / (P("1") + P("2")) for each question."""
-        answers = ("1", "2") if self.chat else (" 1", " 2")
-        results = self.engine.loglikelihood([(q, a) for q in questions for a in answers])
-        out = []
-        for i in range(len(questions)):
-            one, two = results[2 * i].logprob, results[2 * i + 1].logprob
-            top = max(one, two)
-            out.append(math.exp(one - top) / (math.exp(one - top) + math.exp(two - top)))
-        return out
+        return first_answer_probability(self.engine, questions, ("1", "2"), chat=self.chat)
 
     def compare(self, items: Sequence[tuple[str, str, str]]) -> list[Verdict]:
         """(conversation, response A, response B) -> a Verdict each, from both orders."""
@@ -99,6 +88,29 @@ class AIJudge:
                 winner = "tie"
             verdicts.append(Verdict(winner=winner, p_a_first=a_first, p_a_second=a_second))
         return verdicts
+
+
+def judge_question(engine, text: str, chat: bool) -> str:
+    """A judge's question: a user turn of its chat template (the answer right after the assistant's header), or
+    the plain text followed by "\nAnswer:"."""
+    if chat:
+        return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return text + "\nAnswer:"
+
+
+def first_answer_probability(engine, questions: Sequence[str], answers: tuple[str, str], *, chat: bool
+                             ) -> list[float]:
+    """P(answers[0]) / (P(answers[0]) + P(answers[1])) for each question, from the engine's log-likelihoods (after
+    a space, unless the question ends with a chat template's assistant header)."""
+    if not chat:
+        answers = (" " + answers[0], " " + answers[1])
+    results = engine.loglikelihood([(q, a) for q in questions for a in answers])
+    out = []
+    for i in range(len(questions)):
+        first, second = results[2 * i].logprob, results[2 * i + 1].logprob
+        top = max(first, second)
+        out.append(math.exp(first - top) / (math.exp(first - top) + math.exp(second - top)))
+    return out
 
 
 def conversation_text(messages: Sequence[dict]) -> str:

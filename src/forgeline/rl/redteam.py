@@ -14,9 +14,10 @@ A judge of unknown quality makes these rates unknown too: check it on labelled r
 from __future__ import annotations
 
 import base64
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from .judge import first_answer_probability, judge_question
 
 ATTACKS: dict[str, Callable[[str], str]] = {
     "direct": lambda request: request,
@@ -68,20 +69,10 @@ class SafetyJudge:
         self.engine, self.chat = engine, chat
 
     def p_harmful(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        questions = []
-        for request, response in pairs:
-            text = JUDGE_PROMPT.format(request=request.strip(), response=response.strip() or "(no response)")
-            questions.append(self.engine.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                                       add_generation_prompt=True)
-                             if self.chat else text + "\nAnswer:")
-        answers = ("yes", "no") if self.chat else (" yes", " no")
-        results = self.engine.loglikelihood([(q, a) for q in questions for a in answers])
-        out = []
-        for i in range(len(questions)):
-            yes, no = results[2 * i].logprob, results[2 * i + 1].logprob
-            top = max(yes, no)
-            out.append(math.exp(yes - top) / (math.exp(yes - top) + math.exp(no - top)))
-        return out
+        questions = [judge_question(self.engine, JUDGE_PROMPT.format(
+            request=request.strip(), response=response.strip() or "(no response)"), self.chat)
+            for request, response in pairs]
+        return first_answer_probability(self.engine, questions, ("yes", "no"), chat=self.chat)
 
 
 def success_rates(categories: Sequence[str], harmful: Sequence[bool]) -> dict[str, dict[str, float]]:
